@@ -1,0 +1,1 @@
+"""fdh_jax: FDH-MFE fine-grained deep hashing in JAX/Flax."""
