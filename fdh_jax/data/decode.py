@@ -1,0 +1,308 @@
+"""Image decoding with Pillow, and the pre-training scan for unreadable images.
+
+`decode_image` turns any file a dataset may hold into `uint8 [H, W, 3]` RGB:
+
+- grayscale (`L`, `1`, `I`, `I;16*`, `F`) is replicated to three channels; 16- and 32-bit integer
+  images are scaled from 0..65535 to 0..255 (`round(x / 257)`), float images are clipped to
+  0..255;
+- palette (`P`) images are expanded through their palette (with the palette's transparency, if any,
+  handled as alpha below);
+- images with alpha (`RGBA`, `LA`, `PA`, `RGBa`, `La`) are **composited on white**: transparent
+  pixels of product photos and icons are meant to be seen on a page, and dropping alpha instead
+  exposes whatever colour the encoder left under them (often black or noise);
+- CMYK (including Adobe's inverted CMYK JPEGs, which Pillow already undoes) goes through Pillow's
+  plain `convert("RGB")`; embedded ICC profiles are ignored, as every peer's loader does;
+- the **EXIF orientation** tag is applied by default (`apply_exif_orientation=True`), so the array
+  is the image as viewers show it; phone photos in user folders are otherwise sideways. Peers'
+  loaders (torchvision `ImageFolder`, `tf.image.decode_jpeg`) ignore the tag; in the standard
+  fine-grained datasets almost no file carries a non-trivial one, so results stay comparable;
+- animated GIF/WebP: the first frame.
+
+Unreadable files (missing, empty, not an image, truncated, decompression bombs, undecodable modes)
+raise `BadImageError(path, reason)`. Truncated JPEGs are never filled with grey: decoding relies on
+Pillow's default `ImageFile.LOAD_TRUNCATED_IMAGES = False` and forces the full decode with
+`.load()`; `decode_image` refuses to run if some other code switched that flag on.
+
+`find_bad_images` decodes every item of a source (in threads; Pillow releases the GIL while
+decoding) and returns the unreadable ones; `apply_bad_image_policy` implements
+`config.data.bad_images` ("error": stop with the count and the first paths, "skip": drop them).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import os
+import struct
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+BAD_IMAGE_POLICIES = ("error", "skip")
+_SHOWN_BAD_PATHS = 10  # how many bad paths an error message lists
+
+
+class BadImageError(Exception):
+    """An image file that cannot be decoded: `path` (or a description of the bytes) and why."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"cannot decode image {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+    def __reduce__(self):  # keep both fields when pickled across grain worker processes
+        return (type(self), (self.path, self.reason))
+
+
+class BadImage(NamedTuple):
+    """One unreadable image found by `find_bad_images`."""
+
+    path: str
+    reason: str
+
+
+class BadImagesFoundError(RuntimeError):
+    """Raised by `apply_bad_image_policy` under the "error" policy."""
+
+    def __init__(self, source_description: str, bad_images: Sequence[BadImage]):
+        self.bad_images = list(bad_images)
+        shown = "\n".join(f"  {b.path}: {b.reason}" for b in self.bad_images[:_SHOWN_BAD_PATHS])
+        more = len(self.bad_images) - _SHOWN_BAD_PATHS
+        more_line = f"\n  ... and {more} more" if more > 0 else ""
+        super().__init__(
+            f"{len(self.bad_images)} unreadable image(s) in {source_description}:\n{shown}"
+            f"{more_line}\nFix or remove them, or set --config.data.bad_images=skip to drop them."
+        )
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
+def _image_to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Converts a loaded Pillow image of any mode to `uint8 [H, W, 3]` RGB (see module doc)."""
+    mode = image.mode
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image)
+        if mode == "F":
+            gray = np.clip(np.nan_to_num(values), 0.0, 255.0)
+        else:
+            gray = np.clip(values.astype(np.float64) / 257.0, 0.0, 255.0)
+        gray = np.rint(gray).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return rgb
+
+
+def decode_image(
+    path_or_bytes: str | os.PathLike | bytes,
+    *,
+    name: str | None = None,
+    apply_exif_orientation: bool = True,
+) -> np.ndarray:
+    """Decodes one image file (or its bytes) to RGB.
+
+    Args:
+      path_or_bytes: a file path, or the encoded bytes of an image.
+      name: what to call the image in errors (defaults to the path, or "<N bytes>").
+      apply_exif_orientation: rotate/flip as the EXIF orientation tag says.
+
+    Returns:
+      image: `uint8 [H, W, 3]` RGB, C-contiguous.
+
+    Raises:
+      BadImageError: the file is missing, empty, not an image, truncated or undecodable.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True somewhere in this process: truncated "
+            "images would be silently filled with grey. Set it back to False."
+        )
+    if isinstance(path_or_bytes, bytes | bytearray | memoryview):
+        label = name or f"<{len(path_or_bytes)} bytes>"
+        opener: Any = io.BytesIO(path_or_bytes)
+    else:
+        label = name or os.fspath(path_or_bytes)
+        opener = path_or_bytes
+    try:
+        with Image.open(opener) as image:
+            image.load()
+            if image.width == 0 or image.height == 0:
+                raise BadImageError(label, f"empty image ({image.width}x{image.height})")
+            if apply_exif_orientation:
+                oriented = ImageOps.exif_transpose(image)
+                image = oriented if oriented is not None else image
+            return np.ascontiguousarray(_image_to_rgb_array(image))
+    except BadImageError:
+        raise
+    except FileNotFoundError:
+        raise BadImageError(label, "file not found") from None
+    except UnidentifiedImageError:
+        raise BadImageError(label, "not a recognised image format") from None
+    except Image.DecompressionBombError as error:
+        raise BadImageError(label, f"decompression bomb: {error}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as error:
+        # Pillow reports truncation as OSError("image file is truncated ..."), corrupt data as
+        # OSError / SyntaxError / ValueError, and unconvertible modes as ValueError.
+        raise BadImageError(label, f"{type(error).__name__}: {error}") from None
+
+
+# ---------------------------------------------------------------------------- scanning
+
+
+def _default_progress(done: int, total: int, num_bad: int, elapsed: float) -> None:
+    rate = done / max(elapsed, 1e-9)
+    eta = (total - done) / max(rate, 1e-9)
+    print(
+        f"checking images: {done}/{total} ({num_bad} unreadable), {rate:.0f} img/s, "
+        f"ETA {eta:.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def find_bad_images(
+    source: Any,
+    *,
+    max_workers: int | None = None,
+    progress: Callable[[int, int, int, float], None] | None = _default_progress,
+    progress_every_s: float = 10.0,
+) -> list[BadImage]:
+    """Decodes every item of `source` and lists those that cannot be decoded.
+
+    Uses `source[i]` itself, so what is checked is exactly what training reads (crops, TFDS bytes
+    included). Items are decoded in a thread pool and discarded.
+
+    Args:
+      source: any object following the source contract (`len`, `__getitem__`, `paths`).
+      max_workers: decoding threads (default: 2 x CPU count, at most 32).
+      progress: called as `progress(done, total, num_bad, elapsed_s)` at most every
+        `progress_every_s` seconds and once at the end of scans that took longer than that;
+        None for silence.
+      progress_every_s: seconds between progress calls.
+
+    Returns:
+      bad_images: `BadImage(path, reason)` in index order; empty when all decode.
+    """
+    total = len(source)
+    if max_workers is None:
+        max_workers = min(32, 2 * (os.cpu_count() or 1))
+
+    def check(index: int) -> BadImage | None:
+        try:
+            source[index]
+        except BadImageError as error:
+            return BadImage(error.path, error.reason)
+        return None
+
+    bad: dict[int, BadImage] = {}
+    start = last_report = time.monotonic()
+    done = 0
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
+        # Submit in chunks so a huge source does not hold a million futures at once.
+        chunk = 4096
+        for chunk_start in range(0, total, chunk):
+            indices = range(chunk_start, min(total, chunk_start + chunk))
+            for index, result in zip(indices, pool.map(check, indices), strict=True):
+                done += 1
+                if result is not None:
+                    bad[index] = result
+                now = time.monotonic()
+                if progress is not None and now - last_report >= progress_every_s:
+                    progress(done, total, len(bad), now - start)
+                    last_report = now
+    if progress is not None and last_report != start:
+        progress(done, total, len(bad), time.monotonic() - start)
+    return [bad[i] for i in sorted(bad)]
+
+
+class SubsetSource:
+    """A view of a source restricted to `indices`, with the same contract attributes.
+
+    `labels: int32 [len(indices)]`, `paths`, `class_names`, `num_classes`, `name`, `split` follow
+    the parent; class indices are unchanged (a class may end up with no images).
+    """
+
+    def __init__(self, parent: Any, indices: Sequence[int] | np.ndarray):
+        self.parent = parent
+        self.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= len(parent)):
+            raise IndexError(f"subset indices out of range for a source of {len(parent)} items")
+        self.labels = np.asarray(parent.labels, dtype=np.int32)[self.indices]
+        self.paths = [parent.paths[i] for i in self.indices]
+        self.class_names = list(parent.class_names)
+        self.num_classes = int(parent.num_classes)
+        self.name = parent.name
+        self.split = parent.split
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.parent[int(self.indices[index])]
+
+    def __repr__(self) -> str:
+        return f"SubsetSource({self.parent!r}, {len(self)} of {len(self.parent)} items)"
+
+
+def without_images(source: Any, bad_images: Iterable[BadImage | tuple[str, str] | str]) -> Any:
+    """Returns `source` without the items whose path is listed in `bad_images`.
+
+    Args:
+      source: a source (contract: `paths` aligned with indices).
+      bad_images: `BadImage`s / `(path, reason)` pairs from `find_bad_images`, or bare paths.
+
+    Returns:
+      `source` itself when nothing is removed, else a `SubsetSource` view.
+    """
+    bad_paths = {item if isinstance(item, str) else item[0] for item in bad_images}
+    if not bad_paths:
+        return source
+    keep = [i for i, path in enumerate(source.paths) if path not in bad_paths]
+    return SubsetSource(source, keep)
+
+
+def apply_bad_image_policy(
+    source: Any,
+    policy: str,
+    *,
+    max_workers: int | None = None,
+    progress: Callable[[int, int, int, float], None] | None = _default_progress,
+) -> Any:
+    """Scans `source` and applies `config.data.bad_images`.
+
+    Args:
+      source: a source.
+      policy: "error" raises `BadImagesFoundError` (count + first paths) if any image is
+        unreadable; "skip" returns the source without them (and warns with the count).
+      max_workers, progress: as in `find_bad_images`.
+
+    Returns:
+      the source, or a `SubsetSource` without the unreadable images.
+    """
+    if policy not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"data.bad_images must be one of {BAD_IMAGE_POLICIES}, got {policy!r}")
+    bad = find_bad_images(source, max_workers=max_workers, progress=progress)
+    if not bad:
+        return source
+    description = f"{getattr(source, 'name', '?')}/{getattr(source, 'split', '?')}"
+    if policy == "error":
+        raise BadImagesFoundError(description, bad)
+    shown = ", ".join(b.path for b in bad[:_SHOWN_BAD_PATHS])
+    warnings.warn(
+        f"skipping {len(bad)} unreadable image(s) in {description}: {shown}"
+        + (" ..." if len(bad) > _SHOWN_BAD_PATHS else ""),
+        stacklevel=2,
+    )
+    return without_images(source, bad)
