@@ -15,6 +15,8 @@ from functools import partial
 import flax.linen as nn
 import jax.numpy as jnp
 
+from fdh_jax.models.mobilenet import MobileNetV2
+
 # torchvision BatchNorm: eps 1e-5, running-average momentum 0.1 == Flax decay 0.9.
 BatchNorm = partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 STAGE_NAMES = ("C2", "C3", "C4", "C5")
@@ -100,7 +102,10 @@ class ResNet(nn.Module):
             for j in range(num_blocks):
                 stride = 2 if i > 0 and j == 0 else 1
                 x = self.block(
-                    features=self.width * 2**i, stride=stride, dtype=self.dtype, name=f"layer{i + 1}_{j}"
+                    features=self.width * 2**i,
+                    stride=stride,
+                    dtype=self.dtype,
+                    name=f"layer{i + 1}_{j}",
                 )(x, train)
             stages[STAGE_NAMES[i]] = x
         if self.num_classes:
@@ -118,13 +123,18 @@ _RESNETS = {
     "resnet_narrow": ((1, 1, 1, 1), BasicBlock),
 }
 
-BACKBONES = tuple(_RESNETS)
+BACKBONES = (*_RESNETS, "mobilenet_v2")
 
 
 def get_backbone(
     name: str, *, width: int = 64, num_classes: int = 0, dtype=jnp.float32
 ) -> nn.Module:
-    """Returns the backbone module `name` (one of `BACKBONES`)."""
+    """Returns the backbone module `name` (one of `BACKBONES`).
+
+    `width` sets the ResNets' stem width; MobileNetV2 is always the 1.0 model and ignores it.
+    """
+    if name == "mobilenet_v2":
+        return MobileNetV2(num_classes=num_classes, dtype=dtype)
     if name not in _RESNETS:
         raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
     stage_sizes, block = _RESNETS[name]

@@ -1,0 +1,182 @@
+"""MobileNetV2 1.0 in the layout of TensorFlow's reference model (slim / Keras applications).
+
+The layer sequence, channel counts, ReLU6 activations, BatchNorm epsilon (1e-3) and TF 'SAME'
+padding follow the released ImageNet model (`mobilenet_v2_1.0_224`), so its weights load exactly
+(`fdh_jax.models.pretrained.load_pretrained("mobilenet_v2", path, variables)`). JAX's 'SAME' is
+TensorFlow's rule: a stride-2 3x3 conv on an even-sized input pads (0, 1), i.e. more at the end.
+
+Module names follow the TF graph: `conv_0` (stem), `expanded_conv_1` ... `expanded_conv_17`
+(inverted residual blocks, each with `expand`, `depthwise`, `project` convs and `*_bn` norms;
+block 1 has no `expand`), `conv_18` (the final 1x1 conv to 1280 channels) and `classifier`
+(1001 ImageNet outputs in the released model, output 0 = "background").
+
+`images: [B, H, W, 3]` normalised with ImageNet mean/std (what the data pipeline produces for
+every backbone) -> `{"C2": [B, H/4, W/4, 24], "C3": [B, H/8, W/8, 32], "C4": [B, H/16, W/16, 96],
+"C5": [B, H/32, W/32, 1280], ["logits": [B, num_classes]]}`. The network itself was trained on
+inputs in [-1, 1]; the module converts (set `input_range="minus_one_to_one"` to feed such inputs).
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# TF/Keras MobileNetV2 BatchNorm epsilon. The running-average decay is the project's fine-tuning
+# choice (as the ResNets: Flax 0.9 == PyTorch momentum 0.1), not Keras' 0.999.
+BATCH_NORM_EPSILON = 1e-3
+BatchNorm = partial(nn.BatchNorm, momentum=0.9, epsilon=BATCH_NORM_EPSILON)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# (expansion t, output channels c, repeats n, first stride s) of the inverted residual groups,
+# after the stem conv (32 channels, stride 2). Table 2 of Sandler et al. 2018.
+INVERTED_RESIDUAL_GROUPS = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+STEM_FEATURES = 32
+HEAD_FEATURES = 1280
+# Stage map name -> index of the block (1-based, as `expanded_conv_<i>`) whose output it is.
+# C5 is the output of `conv_18` (after the last block).
+STAGE_BLOCKS = {"C2": 3, "C3": 6, "C4": 13}
+
+
+@dataclass(frozen=True)
+class ConvLayer:
+    """One conv of MobileNetV2 in forward order, as the TFLite graph lists them.
+
+    `path` is the Flax module path of the conv (its norm is at the same path + "_bn", except the
+    classifier, which has a bias and no norm).
+    """
+
+    path: tuple[str, ...]
+    depthwise: bool
+    kernel_size: int
+    stride: int
+    in_features: int
+    out_features: int
+    relu6: bool
+
+
+def block_specs() -> Iterator[tuple[int, int, int, int, int]]:
+    """Yields `(block_index, in_features, expanded_features, out_features, stride)` per block."""
+    in_features = STEM_FEATURES
+    block_index = 1
+    for expansion, out_features, repeats, first_stride in INVERTED_RESIDUAL_GROUPS:
+        for repeat in range(repeats):
+            stride = first_stride if repeat == 0 else 1
+            yield block_index, in_features, in_features * expansion, out_features, stride
+            in_features = out_features
+            block_index += 1
+
+
+def conv_layers(num_classes: int = 1001) -> list[ConvLayer]:
+    """The convs of MobileNetV2 in forward (= TFLite graph) order, classifier last if any."""
+    layers = [ConvLayer(("conv_0",), False, 3, 2, 3, STEM_FEATURES, True)]
+    for index, in_features, expanded, out_features, stride in block_specs():
+        block = f"expanded_conv_{index}"
+        if expanded != in_features:
+            layers.append(ConvLayer((block, "expand"), False, 1, 1, in_features, expanded, True))
+        layers.append(ConvLayer((block, "depthwise"), True, 3, stride, expanded, expanded, True))
+        layers.append(ConvLayer((block, "project"), False, 1, 1, expanded, out_features, False))
+        last_features = out_features
+    layers.append(ConvLayer(("conv_18",), False, 1, 1, last_features, HEAD_FEATURES, True))
+    if num_classes:
+        layers.append(ConvLayer(("classifier",), False, 1, 1, HEAD_FEATURES, num_classes, False))
+    return layers
+
+
+def _conv(features: int, kernel: int, stride: int, groups: int, name: str, dtype) -> nn.Conv:
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding="SAME",  # TensorFlow's rule, as the released model (see module docstring)
+        feature_group_count=groups,
+        use_bias=False,
+        dtype=dtype,
+        kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+        name=name,
+    )
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expand (ReLU6) -> 3x3 depthwise (ReLU6, strided) -> 1x1 linear project [+ input]."""
+
+    in_features: int
+    expanded_features: int
+    out_features: int
+    stride: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        norm = partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
+        out = x
+        if self.expanded_features != self.in_features:
+            out = _conv(self.expanded_features, 1, 1, 1, "expand", self.dtype)(out)
+            out = nn.relu6(norm(name="expand_bn")(out))
+        out = _conv(
+            self.expanded_features, 3, self.stride, self.expanded_features, "depthwise", self.dtype
+        )(out)
+        out = nn.relu6(norm(name="depthwise_bn")(out))
+        out = _conv(self.out_features, 1, 1, 1, "project", self.dtype)(out)
+        out = norm(name="project_bn")(out)
+        if self.stride == 1 and self.in_features == self.out_features:
+            out = out + x
+        return out
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 1.0 returning `{"C2": ..., "C5": ..., ["logits"]}` (see module docstring).
+
+    `num_classes=1001` keeps the released ImageNet classifier (output 0 = background).
+    """
+
+    num_classes: int = 0
+    input_range: str = "imagenet"  # "imagenet" (mean/std-normalised) | "minus_one_to_one"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images, train: bool = False) -> dict[str, jnp.ndarray]:
+        x = images.astype(jnp.float32)
+        if self.input_range == "imagenet":
+            pixels = x * jnp.asarray(IMAGENET_STD) + jnp.asarray(IMAGENET_MEAN)  # [0, 1]
+            x = pixels * 2.0 - 1.0
+        elif self.input_range != "minus_one_to_one":
+            raise ValueError(
+                f"input_range must be 'imagenet' or 'minus_one_to_one', got {self.input_range!r}"
+            )
+        x = x.astype(self.dtype)
+        norm = partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
+        x = _conv(STEM_FEATURES, 3, 2, 1, "conv_0", self.dtype)(x)
+        x = nn.relu6(norm(name="conv_0_bn")(x))
+        stages = {}
+        block_to_stage = {index: name for name, index in STAGE_BLOCKS.items()}
+        for index, in_features, expanded, out_features, stride in block_specs():
+            x = InvertedResidual(
+                in_features,
+                expanded,
+                out_features,
+                stride,
+                self.dtype,
+                name=f"expanded_conv_{index}",
+            )(x, train)
+            if index in block_to_stage:
+                stages[block_to_stage[index]] = x
+        x = _conv(HEAD_FEATURES, 1, 1, 1, "conv_18", self.dtype)(x)
+        stages["C5"] = nn.relu6(norm(name="conv_18_bn")(x))
+        if self.num_classes:
+            pooled = jnp.mean(stages["C5"], axis=(1, 2))
+            stages["logits"] = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(
+                pooled
+            )
+        return stages
