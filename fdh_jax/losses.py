@@ -1,0 +1,164 @@
+"""The FDH-MFE losses, each a pure function of arrays (DESIGN 1.2).
+
+Per code length `K`: proxy loss + bit balance + quantisation + background-aware triplet loss;
+once: classification and proxy uniformity. `total_loss` combines them as configured and returns
+the parts for logging.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+
+def _l2_normalize(x: jnp.ndarray, eps: float = 1e-8) -> jnp.ndarray:
+    return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def proxy_loss(
+    hash_values: jnp.ndarray,
+    proxies: jnp.ndarray,
+    labels: jnp.ndarray,
+    *,
+    scale: float = 16.0,
+    margin: float = 0.2,
+) -> jnp.ndarray:
+    """Normalised-softmax proxy loss with an additive cosine margin.
+
+    `CE(s * (cos(h, P) - m * onehot(y)), y)`, averaged over the batch.
+
+    Args:
+      hash_values: `[B, K]` continuous codes.
+      proxies: `[C, K]` class proxies.
+      labels: `[B]` int class indices.
+    """
+    cosine = _l2_normalize(hash_values) @ _l2_normalize(proxies).T
+    one_hot = jax.nn.one_hot(labels, proxies.shape[0], dtype=cosine.dtype)
+    logits = scale * (cosine - margin * one_hot)
+    return jnp.mean(optax.softmax_cross_entropy(logits, one_hot))
+
+
+def proxy_uniformity(proxies: jnp.ndarray, *, t: float = 2.0) -> jnp.ndarray:
+    """Wang & Isola uniformity of the proxies on the sphere.
+
+    `log mean_{i != j} exp(-t * ||p_i - p_j||^2)` over L2-normalised proxies `[C, K]`; lower is
+    more uniform. Since `||p_i - p_j||^2 = 2 - 2 cos(p_i, p_j)`, this is a log-mean-exp of the
+    pairwise cosines.
+    """
+    p = _l2_normalize(proxies)
+    num = p.shape[0]
+    if num < 2:
+        return jnp.zeros((), p.dtype)
+    sq_dist = jnp.maximum(2.0 - 2.0 * (p @ p.T), 0.0)
+    off_diagonal = ~jnp.eye(num, dtype=bool)
+    logits = jnp.where(off_diagonal, -t * sq_dist, -jnp.inf)
+    return jax.nn.logsumexp(logits) - jnp.log(num * (num - 1.0))
+
+
+def bit_balance_loss(hash_values: jnp.ndarray) -> jnp.ndarray:
+    """`||mean_batch(h)||^2 / K`: zero when every bit splits the batch evenly.
+
+    Divided by `K` so that one weight suits every code length.
+    """
+    return jnp.mean(jnp.square(jnp.mean(hash_values, axis=0)))
+
+
+def quantization_loss(hash_values: jnp.ndarray) -> jnp.ndarray:
+    """`mean((|h| - 1)^2)`: pulls continuous codes to the corners of the hypercube."""
+    return jnp.mean(jnp.square(jnp.abs(hash_values) - 1.0))
+
+
+def triplet_loss(
+    hash_values: jnp.ndarray,
+    labels: jnp.ndarray,
+    background_values: jnp.ndarray | None = None,
+    *,
+    margin: float = 0.25,
+) -> jnp.ndarray:
+    """Batch-hard triplet loss with the anchor's own background code as an extra negative.
+
+    Distances are Euclidean between L2-normalised codes. For each anchor with at least one
+    positive: `relu(d(a, hardest positive) - d(a, hardest other-class negative) + margin)`, plus,
+    when `background_values` is given, `relu(d(a, hardest positive) - d(a, bg(a)) + margin)`, so
+    the code of an image must be closer to its class than to its own background. Anchors
+    without positives (or without negatives, for the first term) are left out of the mean.
+
+    Args:
+      hash_values: `[B, K]` foreground codes.
+      labels: `[B]` int classes.
+      background_values: `[B, K]` codes of each image's background descriptor, or None.
+    """
+    h = _l2_normalize(hash_values)
+    sq = jnp.maximum(jnp.sum(jnp.square(h[:, None] - h[None]), axis=-1), 0.0)
+    same = labels[:, None] == labels[None]
+    not_self = ~jnp.eye(labels.shape[0], dtype=bool)
+    positive = same & not_self
+    negative = ~same
+    # sqrt(x + eps) keeps the gradient finite at x = 0 (identical codes).
+    distance = jnp.sqrt(sq + 1e-12)
+    hardest_positive = jnp.max(jnp.where(positive, distance, -jnp.inf), axis=1)
+    hardest_negative = jnp.min(jnp.where(negative, distance, jnp.inf), axis=1)
+    has_positive = jnp.any(positive, axis=1)
+    has_negative = jnp.any(negative, axis=1)
+
+    def masked_mean(values, valid):
+        valid = valid.astype(values.dtype)
+        return jnp.sum(jnp.where(valid > 0, values, 0.0)) / jnp.maximum(jnp.sum(valid), 1.0)
+
+    class_term = jax.nn.relu(hardest_positive - hardest_negative + margin)
+    loss = masked_mean(class_term, has_positive & has_negative)
+    if background_values is not None:
+        bg = _l2_normalize(background_values)
+        bg_distance = jnp.sqrt(jnp.sum(jnp.square(h - bg), axis=-1) + 1e-12)
+        loss = loss + masked_mean(jax.nn.relu(hardest_positive - bg_distance + margin), has_positive)
+    return loss
+
+
+def classification_loss(logits: jnp.ndarray, labels: jnp.ndarray, *, smoothing: float = 0.1):
+    """Label-smoothed softmax cross-entropy, `logits: [B, C]`, `labels: [B]`."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+    return jnp.mean(optax.softmax_cross_entropy(logits, targets))
+
+
+def total_loss(
+    outputs: dict, labels: jnp.ndarray, config: ml_collections.ConfigDict
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """`L = sum_K [L_proxy + w_tri L_tri + w_q L_q + w_bal L_bal] + w_cls L_cls + w_uni L_uni`.
+
+    Args:
+      outputs: the dict returned by `FDHMFE.__call__`.
+      labels: `[B]` int classes.
+      config: the `loss` config.
+
+    Returns:
+      `(loss, parts)`; `parts` maps names such as `proxy_24` to scalars.
+    """
+    parts = {}
+    proxies = outputs.get("proxies", {})
+    if not config.learnable_proxies:
+        proxies = jax.lax.stop_gradient(proxies)
+    for k, h in outputs["hash"].items():
+        if config.use_proxy:
+            parts[f"proxy_{k}"] = proxy_loss(
+                h,
+                proxies[k],
+                labels,
+                scale=config.proxy_scale,
+                margin=config.proxy_margin,
+            )
+        if config.use_triplet:
+            background = outputs.get("hash_background", {}).get(k)
+            parts[f"triplet_{k}"] = config.triplet_weight * triplet_loss(
+                h, labels, background, margin=config.triplet_margin
+            )
+        parts[f"quantization_{k}"] = config.quantization_weight * quantization_loss(h)
+        parts[f"balance_{k}"] = config.balance_weight * bit_balance_loss(h)
+    if config.use_proxy and config.uniformity_weight:
+        parts["uniformity"] = config.uniformity_weight * sum(
+            proxy_uniformity(p, t=config.uniformity_t) for p in proxies.values()
+        )
+    if "class_logits" in outputs and config.classification_weight:
+        parts["classification"] = config.classification_weight * classification_loss(
+            outputs["class_logits"], labels, smoothing=config.label_smoothing
+        )
+    return sum(parts.values()), parts

@@ -1,0 +1,118 @@
+"""FDH-MFE: backbone -> background suppression -> multi-level graph -> hash heads.
+
+One forward pass produces continuous codes `h_K = tanh(W_K z + b_K)` for every code length `K`
+(all heads share the backbone, the mask and the graph), the background codes `h_bg_K` that the
+triplet loss uses as negatives, optional class logits, and the class proxies of the proxy loss.
+Binary codes come from `binarize`: `where(h >= 0, +1, -1)` as int8, never `sign` (which maps 0
+to 0).
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from fdh_jax.models.backbones import get_backbone
+from fdh_jax.models.mfe import MultiLevelFeatures
+from fdh_jax.models.proxies import HashProxies
+from fdh_jax.models.suppression import background_mask
+
+
+class FDHMFE(nn.Module):
+    """The FDH-MFE hashing network.
+
+    Call: `images: [B, H, W, 3] float32 (ImageNet-normalised)` -> dict with
+      `hash`: `{"K": [B, K] float32 in (-1, 1)}`; `hash_background`: same, or absent without
+      suppression; `class_logits`: `[B, C]` (with the classifier); `proxies`: `{"K": [C, K]}`
+      (with proxies); `mask`: `[B, h, w, 1]` (with suppression); `descriptor`: `[B, D]`.
+    """
+
+    num_classes: int
+    bits: Sequence[int] = (12, 24, 32, 48)
+    backbone: str = "resnet50"
+    width: int = 64
+    stages: Sequence[str] = ("C3", "C4", "C5")
+    use_suppression: bool = True
+    mask_temperature: float = 4.0
+    mask_floor: float = 0.25
+    mask_gradient: bool = False
+    use_gnn: bool = True
+    node_dim: int = 512
+    grid_size: int = 2
+    gnn_layers: int = 2
+    gnn_heads: int = 4
+    use_classifier: bool = True
+    use_proxies: bool = True
+    proxy_seed: int = 0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jnp.ndarray, train: bool = False) -> dict:
+        backbone = get_backbone(self.backbone, width=self.width, dtype=self.dtype)
+        stage_maps = backbone.clone(parent=self, name="backbone")(images, train)
+        stage_maps = {name: stage_maps[name] for name in self.stages} | {"C5": stage_maps["C5"]}
+        outputs = {}
+        mask = None
+        if self.use_suppression:
+            mask = background_mask(
+                stage_maps["C5"], temperature=self.mask_temperature, gradient=self.mask_gradient
+            )
+            outputs["mask"] = mask
+        descriptor, background = MultiLevelFeatures(
+            stages=tuple(self.stages),
+            node_dim=self.node_dim,
+            grid_size=self.grid_size,
+            use_gnn=self.use_gnn,
+            gnn_layers=self.gnn_layers,
+            gnn_heads=self.gnn_heads,
+            mask_floor=self.mask_floor,
+            dtype=self.dtype,
+            name="mfe",
+        )(stage_maps, mask, train)
+        outputs["descriptor"] = descriptor.astype(jnp.float32)
+
+        heads = {k: nn.Dense(k, dtype=self.dtype, name=f"hash_{k}") for k in self.bits}
+        outputs["hash"] = {str(k): jnp.tanh(head(descriptor).astype(jnp.float32)) for k, head in heads.items()}
+        if background is not None:
+            outputs["hash_background"] = {
+                str(k): jnp.tanh(head(background).astype(jnp.float32)) for k, head in heads.items()
+            }
+        if self.use_classifier:
+            logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(descriptor)
+            outputs["class_logits"] = logits.astype(jnp.float32)
+        if self.use_proxies:
+            outputs["proxies"] = HashProxies(
+                self.num_classes, tuple(self.bits), self.proxy_seed, name="proxies"
+            )()
+        return outputs
+
+
+def binarize(hash_values: jnp.ndarray) -> jnp.ndarray:
+    """Continuous codes `[..., K]` -> int8 codes in {-1, +1} (0 maps to +1)."""
+    return jnp.where(hash_values >= 0, 1, -1).astype(jnp.int8)
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> FDHMFE:
+    """The FDH-MFE module described by `config.model` / `config.bits` / `config.loss`."""
+    model = config.model
+    return FDHMFE(
+        num_classes=num_classes,
+        bits=tuple(config.bits),
+        backbone=model.backbone,
+        width=model.width,
+        stages=tuple(model.stages),
+        use_suppression=model.use_suppression,
+        mask_temperature=model.mask_temperature,
+        mask_floor=model.mask_floor,
+        mask_gradient=model.mask_gradient,
+        use_gnn=model.use_gnn,
+        node_dim=model.node_dim,
+        grid_size=model.grid_size,
+        gnn_layers=model.gnn_layers,
+        gnn_heads=model.gnn_heads,
+        use_classifier=model.use_classifier,
+        use_proxies=config.loss.use_proxy,
+        proxy_seed=config.seed,
+        dtype=jnp.bfloat16 if model.dtype == "bfloat16" else jnp.float32,
+    )
