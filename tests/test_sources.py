@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fixtures_datasets import (
+    DATASET_WRITERS,
     IMAGE_HEIGHT,
     IMAGE_WIDTH,
+    NUM_FIXTURE_CLASSES,
     color_for,
     solid_rgb,
     truncated_jpeg_bytes,
@@ -36,9 +38,11 @@ from fdh_jax.data.decode import (
     without_images,
 )
 from fdh_jax.data.sources import (
+    PUBLISHED_SPLIT_SIZES,
     DatasetNotFoundError,
     SplitSizeMismatchError,
     make_source,
+    tfds_source,
 )
 from fdh_jax.data.sources.folder import FolderSource
 
@@ -318,6 +322,120 @@ def test_errors_survive_pickling():
     assert str(restored) == str(not_found) and restored.missing_path == "/x/images.txt"
     mismatch = SplitSizeMismatchError("cub", "test", 3, 5794)
     assert str(pickle.loads(pickle.dumps(mismatch))) == str(mismatch)
+
+
+# ---------------------------------------------------------------------------- dataset layouts
+
+
+@pytest.fixture(params=sorted(DATASET_WRITERS))
+def fixture_dataset(request, tmp_path):
+    return request.param, DATASET_WRITERS[request.param](tmp_path)
+
+
+def test_layout_labels_splits_and_decoding(fixture_dataset):
+    name, dataset = fixture_dataset
+    for split, images in dataset.splits.items():
+        source = make_source(name, dataset.root, split, check_counts=False)
+        assert (source.name, source.split) == (name, split)
+        assert source.class_names == dataset.class_names
+        assert source.num_classes == NUM_FIXTURE_CLASSES
+        assert source.paths == [image.path for image in images]
+        assert source.labels.dtype == np.int32
+        assert source.labels.tolist() == [image.label for image in images]
+        for i, image in enumerate(images):
+            if image.color is None:
+                continue
+            item = source[i]
+            assert item["image"].shape == (IMAGE_HEIGHT, IMAGE_WIDTH, 3)
+            assert (item["label"], item["path"]) == (image.label, image.path)
+            assert_solid(item["image"], image.color, tolerance=JPEG_TOLERANCE)
+
+
+def test_layout_bad_image_detection(fixture_dataset):
+    name, dataset = fixture_dataset
+    train = make_source(name, dataset.root, "train", check_counts=False)
+    truncated = [image.path for image in dataset.splits["train"] if image.color is None]
+    bad = find_bad_images(train, max_workers=2, progress=None)
+    assert [b.path for b in bad] == truncated and len(truncated) == 1
+    with pytest.raises(BadImageError, match="truncated"):
+        train[train.paths.index(truncated[0])]
+    kept = without_images(train, bad)
+    assert len(kept) == len(train) - 1 and truncated[0] not in kept.paths
+
+
+def test_layout_count_check(fixture_dataset, monkeypatch):
+    name, dataset = fixture_dataset
+    sizes = {split: len(images) for split, images in dataset.splits.items()}
+    with pytest.raises(SplitSizeMismatchError) as raised:  # the published (real) sizes
+        make_source(name, dataset.root, "train")
+    published = PUBLISHED_SPLIT_SIZES[name]["train"]
+    assert (raised.value.actual, raised.value.expected) == (sizes["train"], published)
+    assert f"{name} split 'train' has {sizes['train']} images" in str(raised.value)
+    assert f"{published}" in str(raised.value)
+    monkeypatch.setitem(PUBLISHED_SPLIT_SIZES, name, dict(sizes))
+    for split in ("train", "test"):
+        assert len(make_source(name, dataset.root, split)) == sizes[split]
+    monkeypatch.setitem(PUBLISHED_SPLIT_SIZES, name, {"train": 5, "test": sizes["test"] + 1})
+    assert len(make_source(name, dataset.root, "train", check_counts=False)) == sizes["train"]
+    with pytest.raises(SplitSizeMismatchError, match=rf"{name} split 'test' has {sizes['test']}"):
+        make_source(name, dataset.root, "test")
+
+
+def test_layout_missing_root_and_list_file(fixture_dataset, tmp_path):
+    name, dataset = fixture_dataset
+    nowhere = tmp_path / "not_here"
+    with pytest.raises(DatasetNotFoundError) as raised:
+        make_source(name, nowhere, "train", check_counts=False)
+    message = str(raised.value)
+    assert str(nowhere) in message
+    assert "Expected layout:" in message and "How to get it:" in message
+    assert isinstance(raised.value, FileNotFoundError)
+    dataset.missing_list_file.unlink()
+    with pytest.raises(DatasetNotFoundError) as raised:
+        make_source(name, dataset.root, dataset.missing_list_split, check_counts=False)
+    assert str(dataset.missing_list_file) in str(raised.value)
+
+
+def test_aircraft_crops_the_copyright_banner(tmp_path):
+    dataset = DATASET_WRITERS["aircraft"](tmp_path)
+    source = make_source("aircraft", dataset.root, "test", check_counts=False)
+    raw = decode_image(source.paths[0])
+    assert raw.shape == (IMAGE_HEIGHT + 20, IMAGE_WIDTH, 3) and raw[-1].max() < 10
+    cropped = source[0]["image"]
+    np.testing.assert_array_equal(cropped, raw[:-20])
+
+
+def test_nabirds_uses_leaf_classes_in_numeric_id_order(tmp_path):
+    dataset = DATASET_WRITERS["nabirds"](tmp_path)
+    source = make_source("nabirds", dataset.root, "train", check_counts=False)
+    assert source.class_ids == [295, 313, 1000]
+    assert source.class_names == ["Mallard (Male)", "Wood Duck", "Common Raven"]
+    labels_file = dataset.root / "image_class_labels.txt"
+    first_id = labels_file.read_text().split()[0]
+    labels_file.write_text(labels_file.read_text().replace(f"{first_id} 295", f"{first_id} 2"))
+    with pytest.raises(ValueError, match="inner taxonomy nodes"):
+        make_source("nabirds", dataset.root, "train", check_counts=False)
+
+
+def test_tfds_root_without_a_built_copy_fails_fast(tmp_path):
+    (tmp_path / "caltech_birds2011" / "3.1.0").mkdir(parents=True)  # no dataset_info.json
+    (tmp_path / "downloads").mkdir()
+    with pytest.raises(DatasetNotFoundError) as raised:
+        make_source("cub", tmp_path, "train")
+    assert "images.txt" in str(raised.value) and "caltech_birds2011" in str(raised.value)
+    info = tmp_path / "caltech_birds2011" / "3.1.0" / "dataset_info.json"
+    info.write_text("{}")
+    assert tfds_source.find_prepared_tfds(tmp_path, "caltech_birds2011") is None  # no shards
+    (info.parent / "caltech_birds2011-train.array_record-00000-of-00001").write_bytes(b"")
+    assert tfds_source.find_prepared_tfds(tmp_path, "caltech_birds2011") == info.parent
+    with pytest.raises(DatasetNotFoundError, match="tfds build food101"):
+        tfds_source.TfdsSource(
+            name="food101",
+            tfds_name="food101",
+            data_dir=tmp_path,
+            split="test",
+            tfds_split="validation",
+        )
 
 
 # ---------------------------------------------------------------------------- real data

@@ -22,6 +22,13 @@ from fdh_jax.data.sources.base import (
 # name -> module in this package defining `open_source(root, split, *, seed, test_fraction,
 # expected_size)`.
 SOURCE_MODULES = {
+    "cub": "cub",
+    "aircraft": "aircraft",
+    "nabirds": "nabirds",
+    "food101": "food101",
+    "dogs": "dogs",
+    "cars": "cars",
+    "vegfru": "vegfru",
     "folder": "folder",
 }
 

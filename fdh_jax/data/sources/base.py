@@ -161,3 +161,22 @@ class ImageListSource:
             f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, "
             f"{len(self)} images, {self.num_classes} classes)"
         )
+
+
+def read_id_value_table(path: Path) -> list[tuple[str, str]]:
+    """Rows `<id> <value>` of a list file, split at the first whitespace (values keep spaces)."""
+    rows = []
+    for line_number, line in enumerate(read_text_lines(path), start=1):
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{line_number}: expected '<id> <value>', got {line!r}")
+        rows.append((parts[0], parts[1].strip()))
+    return rows
+
+
+def first_existing(candidates: Sequence[Path]) -> Path | None:
+    """The first path in `candidates` that exists, or None."""
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    return None
