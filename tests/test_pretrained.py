@@ -419,3 +419,20 @@ def test_calibrated_batch_norm_keeps_eval_output_and_matches_train_mode(
         lambda v, x: backbone.apply(v, x, train=True, mutable=["batch_stats"])
     )(backbone_variables, images)
     assert _relative_error(np.asarray(identity_train["C5"]), np.asarray(before)) > 0.1
+
+
+def test_hub_path_fails_fast_when_offline(monkeypatch, narrow_template):
+    """`hf://` without cache or network fails at once with what to do, never hangs."""
+    import socket
+    import time
+
+    def unreachable(*args, **kwargs):
+        raise OSError("network unreachable (test)")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    start = time.monotonic()
+    with pytest.raises(
+        FileNotFoundError, match=r"hf://timm/fdh-test-no-such-model.*model\.safetensors"
+    ):
+        load_pretrained("resnet_narrow", "hf://timm/fdh-test-no-such-model", narrow_template)
+    assert time.monotonic() - start < 10
