@@ -66,7 +66,7 @@ def make_source(
       `labels: int32 [N]`, `paths`, `class_names`, `num_classes`, `name`, `split`.
 
     Raises:
-      ValueError: unknown `name` or `split`.
+      ValueError: unknown `name` or `split`, or an empty `root`.
       DatasetNotFoundError: `root` or a list file is missing.
     """
     if name not in SOURCE_MODULES:
@@ -75,6 +75,8 @@ def make_source(
             "(and 'synthetic', handled by fdh_jax.data)"
         )
     check_split(split)
+    if not os.fspath(root).strip():
+        raise ValueError(f"no root given for dataset {name!r}: set --config.data.root=DIR")
     expected_size = PUBLISHED_SPLIT_SIZES.get(name, {}).get(split) if check_counts else None
     module = importlib.import_module(f"{__name__}.{SOURCE_MODULES[name]}")
     return module.open_source(

@@ -1,0 +1,41 @@
+"""CUB-200-2011 (200 bird species): 5,994 database / 5,794 query images.
+
+`python -m fdh_jax.main --config=configs/cub.py --workdir=WORKDIR [--config.data.root=ROOT]`
+or `--config=configs/cub.py:ROOT` (ROOT after ":").
+Default ROOT: `~/data/CUB_200_2011`.
+
+Root: the extracted `CUB_200_2011/` (or its parent), or a TFDS data dir with a built
+`caltech_birds2011`; see `fdh_jax/data/sources/cub.py`.
+
+Protocol of DESIGN 1.3: ResNet-50 (`--config.model.pretrained=PATH` for ImageNet weights),
+random-resized crop 224 + flip for training, resize 256 + centre crop 224 for evaluation;
+database = the official train split, query = the official test split.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+DEFAULT_ROOT = "~/data/CUB_200_2011"  # `~` is expanded when the source opens it
+
+
+def _default_config() -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location(
+        "fdh_default", Path(__file__).with_name("default.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The default config with this dataset and the paper protocol; `arg` = dataset root."""
+    config = _default_config()
+    config.data.name = "cub"
+    config.data.root = arg or DEFAULT_ROOT
+    config.data.image_size = 224
+    config.data.eval_resize = 256
+    config.model.backbone = "resnet50"
+    config.model.width = 64
+    return config

@@ -1,0 +1,41 @@
+"""Any folder of class sub-folders (DESIGN section 3); `data.root` must be given.
+
+`python -m fdh_jax.main --config=configs/folder.py --workdir=WORKDIR --config.data.root=DIR`
+or `--config=configs/folder.py:DIR` (DIR after ":"; no default).
+
+Layout: `DIR/images/<class>/<file>` or `DIR/<class>/<file>`; `DIR/split.csv` (`path,split`)
+if present, else a per-class split seeded by `config.seed` holding out `data.test_fraction`;
+see `fdh_jax/data/sources/folder.py`.
+
+Protocol of DESIGN 1.3: ResNet-50 (`--config.model.pretrained=PATH` for ImageNet weights),
+random-resized crop 224 + flip for training, resize 256 + centre crop 224 for evaluation;
+database = the train split, query = the test split.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+DEFAULT_ROOT = ""  # no default: an empty root is rejected when the source opens
+
+
+def _default_config() -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location(
+        "fdh_default", Path(__file__).with_name("default.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The default config with this dataset and the paper protocol; `arg` = dataset root."""
+    config = _default_config()
+    config.data.name = "folder"
+    config.data.root = arg or DEFAULT_ROOT
+    config.data.image_size = 224
+    config.data.eval_resize = 256
+    config.model.backbone = "resnet50"
+    config.model.width = 64
+    return config
