@@ -438,6 +438,50 @@ def test_tfds_root_without_a_built_copy_fails_fast(tmp_path):
         )
 
 
+def test_tfds_source_reads_labels_and_decodes_record_bytes(tmp_path, monkeypatch):
+    """The adapter over `tfds.data_source`, with a fake record sequence standing in for a build."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    built = tmp_path / "food101" / "2.0.0"
+    built.mkdir(parents=True)
+    (built / "dataset_info.json").write_text("{}")
+    (built / "food101-validation.array_record-00000-of-00001").write_bytes(b"")
+    encoded = []
+    for label in (2, 0):
+        buffer = io.BytesIO()
+        Image.fromarray(solid_rgb(color_for(label))).save(buffer, "JPEG", quality=95)
+        encoded.append({"image": buffer.getvalue(), "label": np.int64(label)})
+    encoded.append({"image": truncated_jpeg_bytes(), "label": np.int64(1)})
+
+    class FakeLabel:
+        names = ["apple_pie", "baby_back_ribs", "caesar_salad"]
+
+    class FakeRecords(list):
+        dataset_info = type("Info", (), {"features": {"label": FakeLabel()}})()
+
+    calls = []
+
+    def fake_data_source(name, **kwargs):
+        calls.append((name, kwargs))
+        return FakeRecords(encoded)
+
+    monkeypatch.setattr(tfds, "data_source", fake_data_source)
+    source = make_source("food101", tmp_path, "test", check_counts=False)
+    ((name, kwargs),) = calls
+    assert name == "food101" and kwargs["split"] == "validation"
+    assert kwargs["download"] is False and kwargs["data_dir"] == str(tmp_path)
+    assert isinstance(kwargs["decoders"]["image"], tfds.decode.SkipDecoding)
+    assert source.labels.tolist() == [2, 0, 1] and source.labels.dtype == np.int32
+    assert source.paths == ["food101/validation/0", "food101/validation/1", "food101/validation/2"]
+    assert source.class_names == FakeLabel.names and source.num_classes == 3
+    item = source[0]
+    assert item["label"] == 2 and item["path"] == "food101/validation/0"
+    assert_solid(item["image"], color_for(2))
+    bad = find_bad_images(source, progress=None)
+    assert [b.path for b in bad] == ["food101/validation/2"]
+    with pytest.raises(SplitSizeMismatchError, match="food101 split 'test' has 3"):
+        make_source("food101", tmp_path, "test")
+
+
 # ---------------------------------------------------------------------------- real data
 
 

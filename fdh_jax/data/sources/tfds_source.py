@@ -51,6 +51,11 @@ def tfds_not_prepared_error(dataset: str, tfds_name: str, data_dir: Path) -> Dat
     )
 
 
+def _scalar(value: Any) -> Any:
+    """A record field as a Python scalar (TFDS may hand back 0-d NumPy arrays)."""
+    return value.item() if isinstance(value, np.ndarray) else value
+
+
 class TfdsSource:
     """A locally built TFDS dataset as a source (contract of `fdh_jax.data.sources.base`).
 
@@ -99,7 +104,7 @@ class TfdsSource:
         check_split_size(name, split, len(self.paths), expected_size)
 
     def _record_path(self, record: dict[str, Any], index: int) -> str:
-        filename = record.get("image/filename")
+        filename = _scalar(record.get("image/filename"))
         if filename is None:
             return f"{self.tfds_name}/{self.tfds_split}/{index}"
         return filename.decode("utf-8") if isinstance(filename, bytes) else str(filename)
@@ -110,7 +115,7 @@ class TfdsSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self._records[index]
         path = self.paths[index]
-        image = decode_image(record["image"], name=path)
+        image = decode_image(_scalar(record["image"]), name=path)
         return {"image": image, "label": int(record["label"]), "path": path}
 
     def __repr__(self) -> str:
