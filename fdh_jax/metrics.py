@@ -337,3 +337,88 @@ def mean_average_precision(
         else:
             total += _topk_average_precision(stats.index_ranks(), topk).sum()
     return float(total / num_query)
+
+
+def precision_at_k(
+    query_codes: Any,
+    db_codes: Any,
+    query_labels: Any,
+    db_labels: Any,
+    k: int,
+    tie_break: Literal["index", "expected"] = "index",
+) -> float:
+    """Mean over queries of (relevant items among the top k) / k.
+
+    Codes and labels as in `mean_average_precision`. k larger than the database retrieves the whole
+    database and divides by N. tie_break "index" ranks ties by database index; "expected" gives
+    the expectation over random orders inside the tie that straddles rank k
+    (relevant before it + r_tie * slots_left / n_tie).
+    """
+    if tie_break not in ("index", "expected"):
+        raise ValueError(f"tie_break must be 'index' or 'expected', got {tie_break!r}")
+    if int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    statistics, num_query, num_db, _ = _ranking_statistics(
+        query_codes, db_codes, query_labels, db_labels, include_unmatched=False
+    )
+    if num_query == 0:
+        raise ValueError("no queries")
+    k = min(int(k), num_db)
+    total = 0.0
+    for stats in statistics:
+        if tie_break == "index":
+            total += (stats.index_ranks() <= k).sum()
+            continue
+        cumulative = np.cumsum(stats.counts_by_distance, 1)
+        straddling = np.argmax(cumulative >= k, axis=1)[:, None]  # distance of the k-th item
+        before = np.take_along_axis(cumulative, straddling, 1)[:, 0]
+        in_tie = np.take_along_axis(stats.counts_by_distance, straddling, 1)[:, 0]
+        before -= in_tie
+        relevant_before = (stats.relevant_distance < straddling).sum(1)
+        relevant_in_tie = (stats.relevant_distance == straddling).sum(1)
+        total += (relevant_before + relevant_in_tie * (k - before) / in_tie).sum()
+    return float(total / (num_query * k))
+
+
+def _radius_counts(stats: _RankingStatistics) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """-> (retrieved [C, K+1], relevant retrieved [C, K+1], relevant in database [C]) by radius."""
+    retrieved = np.cumsum(stats.counts_by_distance, 1)
+    relevant_retrieved = np.cumsum(stats.relevant_counts_by_distance(), 1)
+    return retrieved, relevant_retrieved, relevant_retrieved[:, -1]
+
+
+def precision_recall_curve(
+    query_codes: Any, db_codes: Any, query_labels: Any, db_labels: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hash lookup PR curve over Hamming radii 0..K -> (precision `[K+1]`, recall `[K+1]`).
+
+    At radius r every database item within distance r is retrieved. Per query, precision =
+    relevant retrieved / retrieved (0 when nothing is retrieved), recall = relevant retrieved /
+    relevant in the database (0 when the class is absent); both are averaged over all queries.
+    Codes and labels as in `mean_average_precision` (K = 8 x bytes for packed codes).
+    """
+    statistics, num_query, _, bits = _ranking_statistics(
+        query_codes, db_codes, query_labels, db_labels, include_unmatched=False
+    )
+    if num_query == 0:
+        raise ValueError("no queries")
+    precision, recall = np.zeros(bits + 1), np.zeros(bits + 1)
+    for stats in statistics:
+        retrieved, relevant_retrieved, relevant = _radius_counts(stats)
+        precision += (relevant_retrieved / np.maximum(retrieved, 1)).sum(0)
+        recall += (relevant_retrieved / np.maximum(relevant, 1)[:, None]).sum(0)
+    return precision / num_query, recall / num_query
+
+
+def precision_within_radius(
+    query_codes: Any, db_codes: Any, query_labels: Any, db_labels: Any, radius: int = 2
+) -> float:
+    """Mean precision of hash lookup within Hamming radius `radius` (the field's "P@r=2").
+
+    A query retrieving nothing within the radius counts precision 0 (the strict convention; some
+    papers skip such queries, which rewards codes that retrieve nothing).
+    """
+    if int(radius) != radius or radius < 0:
+        raise ValueError(f"radius must be a non-negative integer, got {radius!r}")
+    precision, _ = precision_recall_curve(query_codes, db_codes, query_labels, db_labels)
+    return float(precision[min(int(radius), len(precision) - 1)])

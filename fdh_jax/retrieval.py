@@ -17,6 +17,7 @@ an accelerator when JAX has one; every search is chunked so memory stays bounded
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
@@ -127,3 +128,158 @@ def hamming_distance(query_codes: Any, db_codes: Any) -> np.ndarray:
         rows = query_words[start : start + chunk]
         out[start : start + len(rows)] = np.asarray(word_hamming_distance(rows, db_device))
     return out
+
+
+# ----------------------------------------------------------------------------- exact top-k search
+
+_TOPK_FIRST_BLOCK = 1 << 15  # database items ranked exactly to seed the threshold
+_TOPK_BLOCK = 1 << 20  # database items per later kernel call
+_TOPK_MAX_MASK = 1 << 26  # query rows x block items per kernel call (bytes of the bool mask)
+_DEVICE_TOPK = False  # tests set True to run the accelerator path on CPU
+
+
+@jax.jit
+def _closer_than(query_words: jax.Array, db_words: jax.Array, radius: jax.Array) -> jax.Array:
+    """`[C, W]`, `[B, W]` uint32, `radius: [C]` int32 -> `[C, B]` bool, distance < radius."""
+    return word_hamming_distance(query_words, db_words) < radius[:, None]
+
+
+def _select_topk(
+    rows: np.ndarray, distances: np.ndarray, indices: np.ndarray, num_rows: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k candidates smallest by (distance, index). Every row has >= k candidates.
+
+    `rows, distances, indices: [M]` -> (`[num_rows, k]` distances, `[num_rows, k]` indices).
+    """
+    order = np.lexsort((indices, distances, rows))
+    starts = np.searchsorted(rows[order], np.arange(num_rows))
+    take = order[starts[:, None] + np.arange(k)]
+    return distances[take].astype(np.int32), indices[take].astype(np.int32)
+
+
+def _host_topk(
+    query_words: np.ndarray, db_words: np.ndarray, k: int, bits: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """CPU top-k without sorting the database: rank a first block exactly (distance histogram
+    gives each query's k-th distance), then stream the rest keeping only items strictly closer
+    than the current k-th best (later items lose ties: their index is larger)."""
+    num_query, num_db = query_words.shape[0], db_words.shape[0]
+    first = min(num_db, max(_TOPK_FIRST_BLOCK, k))
+    starts = list(range(first, num_db, _TOPK_BLOCK))
+    db_device = [jnp.asarray(db_words[:first])]
+    db_device += [jnp.asarray(db_words[s : s + _TOPK_BLOCK]) for s in starts]
+    max_rows = max(1, min(64, _TOPK_MAX_MASK // min(num_db, _TOPK_BLOCK)))
+    chunk = 1 << (max_rows.bit_length() - 1)
+    out_distances = np.empty((num_query, k), np.int32)
+    out_indices = np.empty((num_query, k), np.int32)
+    for q0 in range(0, num_query, chunk):
+        rows = min(chunk, num_query - q0)
+        chunk_words = np.zeros((chunk, query_words.shape[1]), np.uint32)
+        chunk_words[:rows] = query_words[q0 : q0 + rows]
+        first_distances = np.asarray(word_hamming_distance(chunk_words, db_device[0]))[:rows]
+        offsets = np.arange(rows)[:, None] * (bits + 1)
+        histogram = np.bincount((offsets + first_distances).ravel(), minlength=rows * (bits + 1))
+        reached = np.cumsum(histogram.reshape(rows, bits + 1), axis=1) >= k
+        kth = np.argmax(reached, axis=1)  # k-th smallest distance in the first block
+        flat = np.flatnonzero(first_distances <= kth[:, None])
+        best_distances, best_indices = _select_topk(
+            flat // first, first_distances.ravel()[flat], flat % first, rows, k
+        )
+
+        def launch(block: int, kth_best: np.ndarray, words: np.ndarray = chunk_words) -> jax.Array:
+            # The radius may be one block stale: a larger radius only adds candidates.
+            radius = np.zeros(len(words), np.int32)
+            radius[: len(kth_best)] = kth_best
+            return _closer_than(words, db_device[block + 1], radius)
+
+        pending = launch(0, best_distances[:, -1]) if starts else None
+        for b, start in enumerate(starts):
+            mask_on_device = pending
+            pending = launch(b + 1, best_distances[:, -1]) if b + 1 < len(starts) else None
+            mask = np.asarray(mask_on_device)
+            flat = np.flatnonzero(mask)
+            if flat.size == 0:
+                continue
+            block_size = mask.shape[1]
+            rows_new, index_new = flat // block_size, flat % block_size + start
+            differing = np.bitwise_count(chunk_words[rows_new] ^ db_words[index_new])
+            best_distances, best_indices = _select_topk(
+                np.concatenate([np.repeat(np.arange(rows), k), rows_new]),
+                np.concatenate([best_distances.ravel(), differing.sum(1)]),
+                np.concatenate([best_indices.ravel(), index_new]),
+                rows,
+                k,
+            )
+        out_distances[q0 : q0 + rows] = best_distances
+        out_indices[q0 : q0 + rows] = best_indices
+    return out_distances, out_indices
+
+
+@partial(jax.jit, static_argnames=("k",))
+def _merge_block_topk(
+    best_distances: jax.Array,
+    best_indices: jax.Array,
+    query_words: jax.Array,
+    db_words: jax.Array,
+    start: jax.Array,
+    k: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Accelerator step: top-k of one database block by (distance, index), merged into the best
+    so far. `best_*: [C, k]` int32, `query_words: [C, W]`, `db_words: [B, W]` -> `[C, k]` x 2."""
+    distances = word_hamming_distance(query_words, db_words)
+    block = db_words.shape[0]
+    local = jnp.arange(block, dtype=jnp.int32)
+    _, position = lax.top_k(-(distances * block + local[None, :]), min(k, block))
+    block_distances = jnp.take_along_axis(distances, position, 1)
+    merged = lax.sort(
+        (
+            jnp.concatenate([best_distances, block_distances], 1),
+            jnp.concatenate([best_indices, position + start], 1),
+        ),
+        dimension=1,
+        num_keys=2,
+    )
+    return merged[0][:, :k], merged[1][:, :k]
+
+
+def _device_topk(query_words: np.ndarray, db_words: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+    num_query, num_db = query_words.shape[0], db_words.shape[0]
+    block = min(num_db, _TOPK_BLOCK)
+    chunk = 1 << (max(1, min(256, _TOPK_MAX_MASK // block)).bit_length() - 1)
+    db_device = [jnp.asarray(db_words[s : s + block]) for s in range(0, num_db, block)]
+    sentinel = np.iinfo(np.int32).max  # loses every comparison; replaced by the first block
+    out_distances, out_indices = [], []
+    for q0 in range(0, num_query, chunk):
+        chunk_words = np.zeros((chunk, query_words.shape[1]), np.uint32)
+        rows = min(chunk, num_query - q0)
+        chunk_words[:rows] = query_words[q0 : q0 + rows]
+        best = (
+            jnp.full((chunk, k), sentinel, jnp.int32),
+            jnp.full((chunk, k), sentinel, jnp.int32),
+        )
+        for b, db_block in enumerate(db_device):
+            best = _merge_block_topk(*best, chunk_words, db_block, np.int32(b * block), k=k)
+        out_distances.append(np.asarray(best[0])[:rows])
+        out_indices.append(np.asarray(best[1])[:rows])
+    return np.concatenate(out_distances), np.concatenate(out_indices)
+
+
+def hamming_topk(query_codes: Any, db_codes: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest database codes by Hamming distance, ties broken by database index.
+
+    `query_codes: [Q, K]`, `db_codes: [N, K]` sign codes or packed uint8; 1 <= k <= N ->
+    (`distances: [Q, k]` int32 ascending, `indices: [Q, k]` int32). Chunked over queries and the
+    database. On CPU: threshold streaming with no sort of the database; on an accelerator: per
+    block `lax.top_k` merged by `lax.sort`.
+    """
+    query_words, db_words, bits = pack_query_and_database(query_codes, db_codes)
+    if int(k) != k or not 1 <= k <= db_words.shape[0]:
+        raise ValueError(
+            f"k must be an integer in [1, {db_words.shape[0]}] (database size), got {k}"
+        )
+    k = int(k)
+    if query_words.shape[0] == 0:
+        return np.zeros((0, k), np.int32), np.zeros((0, k), np.int32)
+    if jax.default_backend() == "cpu" and not _DEVICE_TOPK:
+        return _host_topk(query_words, db_words, k, bits)
+    return _device_topk(query_words, db_words, k)

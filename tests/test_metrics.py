@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 
 from fdh_jax import metrics
-from fdh_jax.metrics import mean_average_precision
+from fdh_jax.metrics import (
+    mean_average_precision,
+    precision_at_k,
+    precision_recall_curve,
+    precision_within_radius,
+)
 from fdh_jax.retrieval import InvalidCodesError, pack_codes
 
 
@@ -237,3 +242,58 @@ def test_bad_input_is_refused():
         mean_average_precision(query, db, labels_q, labels_db, topk=0)
     with pytest.raises(ValueError, match="mAP@all only"):
         mean_average_precision(query, db, labels_q, labels_db, topk=3, tie_break="expected")
+
+
+def test_precision_at_k_matches_loop(many_ties):
+    for query_codes, db_codes, query_labels, db_labels in many_ties:
+        for k in (1, 7, 50):
+            hits, expected_hits = [], []
+            for i in range(len(query_codes)):
+                distances = loop_distances(query_codes[i], db_codes)
+                relevant = db_labels == query_labels[i]
+                hits.append(relevant[np.argsort(distances, kind="stable")[:k]].sum() / k)
+                # Expected over tie orders: the tie at the k-th distance is sampled uniformly.
+                kth = np.sort(distances)[k - 1]
+                before, tie = distances < kth, distances == kth
+                expected_hits.append(
+                    (
+                        (relevant & before).sum()
+                        + (relevant & tie).sum() * (k - before.sum()) / tie.sum()
+                    )
+                    / k
+                )
+            args = (query_codes, db_codes, query_labels, db_labels, k)
+            assert precision_at_k(*args) == pytest.approx(np.mean(hits), 1e-12)
+            assert precision_at_k(*args, tie_break="expected") == pytest.approx(
+                np.mean(expected_hits), 1e-12
+            )
+
+
+def test_precision_recall_curve_and_radius_match_loop(many_ties):
+    for query_codes, db_codes, query_labels, db_labels in many_ties:
+        bits = query_codes.shape[1]
+        precision, recall = np.zeros(bits + 1), np.zeros(bits + 1)
+        for i in range(len(query_codes)):
+            distances = loop_distances(query_codes[i], db_codes)
+            relevant = db_labels == query_labels[i]
+            for radius in range(bits + 1):
+                retrieved = distances <= radius
+                hits = (retrieved & relevant).sum()
+                precision[radius] += hits / retrieved.sum() if retrieved.any() else 0.0
+                recall[radius] += hits / relevant.sum() if relevant.any() else 0.0
+        ours_precision, ours_recall = precision_recall_curve(
+            query_codes, db_codes, query_labels, db_labels
+        )
+        np.testing.assert_allclose(ours_precision, precision / len(query_codes), rtol=1e-12)
+        np.testing.assert_allclose(ours_recall, recall / len(query_codes), rtol=1e-12)
+        assert precision_within_radius(
+            query_codes, db_codes, query_labels, db_labels, radius=2
+        ) == pytest.approx(precision[2] / len(query_codes), 1e-12)
+        assert ours_recall[-1] == pytest.approx(np.isin(query_labels, db_labels).mean())
+
+
+def test_radius_precision_counts_empty_lookups_as_zero():
+    query = np.array([[1, 1, 1, 1], [-1, -1, -1, -1]], np.int8)
+    db = np.array([[1, 1, 1, 1], [1, 1, 1, -1]], np.int8)
+    # Query 0 retrieves both (one relevant): 1/2. Query 1 retrieves nothing within 2: 0.
+    assert precision_within_radius(query, db, np.array([0, 0]), np.array([0, 1])) == 0.25
