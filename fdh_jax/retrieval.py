@@ -17,6 +17,11 @@ an accelerator when JAX has one; every search is chunked so memory stays bounded
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
+import zipfile
 from functools import partial
 from typing import Any
 
@@ -283,3 +288,123 @@ def hamming_topk(query_codes: Any, db_codes: Any, k: int) -> tuple[np.ndarray, n
     if jax.default_backend() == "cpu" and not _DEVICE_TOPK:
         return _host_topk(query_words, db_words, k, bits)
     return _device_topk(query_words, db_words, k)
+
+
+# ----------------------------------------------------------------------------- saved hash index
+
+INDEX_FORMAT_VERSION = 1
+
+
+class IndexFileError(ValueError):
+    """A hash index file that is unreadable, corrupted, or of another format version."""
+
+
+def _index_checksum(fields: dict[str, np.ndarray]) -> str:
+    """SHA-256 over every field's name, dtype, shape and bytes, in sorted name order."""
+    digest = hashlib.sha256()
+    for name in sorted(fields):
+        array = np.ascontiguousarray(fields[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _text_field(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-8"), np.uint8)
+
+
+@dataclasses.dataclass
+class HashIndex:
+    """A searchable database of hash codes with what produced them.
+
+    codes: [N, K] int8 in {-1, +1}; labels: [N] int64 class ids (-1 when unknown);
+    paths: N image paths; checkpoint: the checkpoint that encoded them; config_json: the
+    training config as JSON. Saved as one .npz (no pickle) with packed codes and a SHA-256
+    checksum; `load` refuses corrupted files, checksum mismatches and other format versions.
+    """
+
+    codes: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    checkpoint: str = ""
+    config_json: str = "{}"
+
+    def __post_init__(self) -> None:
+        self.codes = as_sign_codes(self.codes, "HashIndex codes")
+        self.labels = np.asarray(self.labels).astype(np.int64)
+        self.paths = [str(p) for p in self.paths]
+        n = self.codes.shape[0]
+        if self.labels.shape != (n,) or len(self.paths) != n:
+            raise ValueError(
+                f"HashIndex needs one label and one path per code: {n} codes, "
+                f"labels {self.labels.shape}, {len(self.paths)} paths"
+            )
+        json.loads(self.config_json)  # must be valid JSON
+
+    @property
+    def bits(self) -> int:
+        """K, the code length."""
+        return self.codes.shape[1]
+
+    def __len__(self) -> int:
+        return self.codes.shape[0]
+
+    def search(self, query_codes: Any, k: int) -> tuple[list[list[str]], np.ndarray]:
+        """`query_codes: [Q, K]` -> (paths `Q x k'`, distances `[Q, k']` int32), nearest first,
+        ties by database order; k' = min(k, N)."""
+        distances, indices = hamming_topk(query_codes, self.codes, min(k, len(self)))
+        return [[self.paths[i] for i in row] for row in indices], distances
+
+    def _fields(self) -> dict[str, np.ndarray]:
+        return {
+            "format_version": np.array(INDEX_FORMAT_VERSION, np.int64),
+            "bits": np.array(self.bits, np.int64),
+            "packed_codes": pack_codes(self.codes),
+            "labels": self.labels,
+            "paths_json": _text_field(json.dumps(self.paths)),
+            "checkpoint": _text_field(self.checkpoint),
+            "config_json": _text_field(self.config_json),
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the index to `path` (.npz) atomically (temporary file + rename)."""
+        fields = self._fields()
+        fields["sha256"] = _text_field(_index_checksum(fields))
+        path = os.fspath(path)
+        temporary = f"{path}.tmp-{os.getpid()}"
+        with open(temporary, "wb") as f:
+            np.savez(f, **fields)
+        os.replace(temporary, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> HashIndex:
+        """Reads an index written by `save`; raises `IndexFileError` naming the file if it cannot
+        be read, was written by another format version, or fails its checksum."""
+        path = os.fspath(path)
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                fields = {name: archive[name] for name in archive.files}
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+            raise IndexFileError(f"{path}: not a readable hash index file ({error})") from error
+        if "format_version" not in fields:
+            raise IndexFileError(f"{path}: not a hash index file (no format_version)")
+        version = int(fields["format_version"])
+        if version != INDEX_FORMAT_VERSION:
+            raise IndexFileError(
+                f"{path}: hash index format version {version}, this code reads "
+                f"version {INDEX_FORMAT_VERSION}; re-encode the database"
+            )
+        stored = bytes(fields.pop("sha256", np.zeros(0, np.uint8))).decode("ascii", "replace")
+        if stored != _index_checksum(fields):
+            raise IndexFileError(f"{path}: checksum mismatch, the file is corrupted")
+        try:
+            bits = int(fields["bits"])
+            return cls(
+                codes=unpack_codes(fields["packed_codes"], bits),
+                labels=fields["labels"],
+                paths=json.loads(bytes(fields["paths_json"]).decode("utf-8")),
+                checkpoint=bytes(fields["checkpoint"]).decode("utf-8"),
+                config_json=bytes(fields["config_json"]).decode("utf-8"),
+            )
+        except (KeyError, ValueError) as error:
+            raise IndexFileError(f"{path}: inconsistent hash index ({error})") from error
