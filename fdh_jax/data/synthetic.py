@@ -106,12 +106,16 @@ class SyntheticFineGrained:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         if not 1 <= num_classes <= MAX_CLASSES:
-            raise ValueError(f"synthetic num_classes must be in [1, {MAX_CLASSES}], got {num_classes}")
+            raise ValueError(
+                f"synthetic num_classes must be in [1, {MAX_CLASSES}], got {num_classes}"
+            )
         per_class = train_per_class if split == "train" else test_per_class
         self.name = "synthetic"
         self.split = split
         self.num_classes = num_classes
-        self.class_names = [f"head{c % 4}_{WING_PATTERNS[(c // 4) % 4]}_tail{c // 16}" for c in range(num_classes)]
+        self.class_names = [
+            f"head{c % 4}_{WING_PATTERNS[(c // 4) % 4]}_tail{c // 16}" for c in range(num_classes)
+        ]
         self.labels = np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
         self.paths = [f"synthetic/{split}/{i:05d}" for i in range(len(self.labels))]
         split_id = 0 if split == "train" else 1
@@ -126,4 +130,8 @@ class SyntheticFineGrained:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict:
-        return {"image": self.images[index], "label": int(self.labels[index]), "path": self.paths[index]}
+        return {
+            "image": self.images[index],
+            "label": int(self.labels[index]),
+            "path": self.paths[index],
+        }

@@ -1,0 +1,146 @@
+"""The grain input pipeline: class-balanced training batches and ordered evaluation batches.
+
+Training batches are a pure function of `(seed, step)`: the class-balanced sampler draws `P`
+classes and `Q` images of each for step `step`, and the augmentation of slot `j` uses the random
+stream `(seed, step, j)`. A grain `MapDataset` over global positions `step * B + j` therefore
+gives the same batches on any number of processes and after any restart; each process reads only
+its own slots of every global batch. The grain iterator state is saved with each checkpoint.
+"""
+
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from fdh_jax.data.transforms import eval_transform, train_transform
+
+
+def class_balanced_indices(
+    labels: np.ndarray, step: int, *, seed: int, classes_per_batch: int, images_per_class: int
+) -> np.ndarray:
+    """Source indices of global batch `step`: `P` distinct classes x `Q` images each.
+
+    Classes are drawn without replacement (with replacement only if there are fewer than `P`),
+    images of a class without replacement unless the class has fewer than `Q`. Returns
+    `[P * Q]` int64, grouped by class.
+    """
+    rng = np.random.default_rng([seed, 0x5A3D, step])
+    classes = np.unique(labels)
+    chosen = rng.choice(classes, classes_per_batch, replace=len(classes) < classes_per_batch)
+    batch = []
+    for c in chosen:
+        members = np.flatnonzero(labels == c)
+        batch.append(rng.choice(members, images_per_class, replace=len(members) < images_per_class))
+    return np.concatenate(batch)
+
+
+class _TrainRecords:
+    """Maps a global position `step * B + slot` to an augmented training example."""
+
+    def __init__(self, source: Any, config: ml_collections.ConfigDict):
+        self.source = source
+        self.config = config
+        self.labels = np.asarray(source.labels)
+        self.batch_size = config.train.batch_size
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - one entry per step in flight; freed with self
+    def _batch(self, step: int) -> np.ndarray:
+        return class_balanced_indices(
+            self.labels,
+            step,
+            seed=self.config.seed,
+            classes_per_batch=self.config.train.classes_per_batch,
+            images_per_class=self.config.train.images_per_class,
+        )
+
+    def __call__(self, position: int) -> dict[str, np.ndarray]:
+        step, slot = divmod(int(position), self.batch_size)
+        record = self.source[int(self._batch(step)[slot])]
+        rng = np.random.default_rng([self.config.seed, 0xA06, step, slot])
+        data = self.config.data
+        image = train_transform(
+            record["image"],
+            data.image_size,
+            rng,
+            crop_scale=tuple(data.crop_scale),
+            horizontal_flip=data.horizontal_flip,
+        )
+        return {"image": image, "label": np.int32(record["label"])}
+
+
+def train_dataset(
+    source: Any,
+    config: ml_collections.ConfigDict,
+    num_steps: int,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """This process's share of `num_steps` class-balanced global batches.
+
+    Each element is `{"image": float32 [b, S, S, 3], "label": int32 [b]}` with
+    `b = batch_size / process_count`: slots `[p * b, (p + 1) * b)` of each global batch.
+    """
+    global_batch = config.train.batch_size
+    local_batch = global_batch // process_count
+    offset = process_index * local_batch
+
+    def position(i: int) -> int:
+        step, slot = divmod(i, local_batch)
+        return step * global_batch + offset + slot
+
+    dataset = (
+        grain.MapDataset.range(num_steps * local_batch)
+        .map(position)
+        .map(_TrainRecords(source, config))
+        .batch(local_batch, drop_remainder=True)
+    )
+    return _to_iter(dataset, config)
+
+
+def eval_dataset(
+    source: Any, config: ml_collections.ConfigDict, indices: np.ndarray
+) -> grain.IterDataset:
+    """Evaluation batches over `indices` of `source`, in order.
+
+    Elements are `{"image": float32 [b, S, S, 3], "label": int32 [b], "index": int64 [b]}`;
+    the last batch may be short (callers pad it).
+    """
+    data = config.data
+
+    def load(index: int) -> dict[str, np.ndarray]:
+        record = source[int(index)]
+        image = eval_transform(record["image"], data.image_size, data.eval_resize)
+        return {"image": image, "label": np.int32(record["label"]), "index": np.int64(index)}
+
+    dataset = (
+        grain.MapDataset.source(np.asarray(indices, np.int64))
+        .map(load)
+        .batch(config.eval.batch_size, drop_remainder=False)
+    )
+    return _to_iter(dataset, config)
+
+
+def _to_iter(dataset: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
+    data = config.data
+    # Elements are whole batches: threads build different batches, `prefetch` batches ahead.
+    read = grain.ReadOptions(
+        num_threads=data.num_threads, prefetch_buffer_size=max(data.prefetch, data.num_threads)
+    )
+    iter_dataset = dataset.to_iter_dataset(read)
+    if data.num_workers > 0:
+        iter_dataset = iter_dataset.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=data.num_workers)
+        )
+    return iter_dataset
+
+
+def iterate(dataset: grain.IterDataset, state: dict | None = None) -> Iterator:
+    """An iterator over `dataset`, fast-forwarded to a saved `get_state()` if given."""
+    iterator = iter(dataset)
+    if state is not None:
+        iterator.set_state(state)
+    return iterator
