@@ -110,7 +110,9 @@ def triplet_loss(
     if background_values is not None:
         bg = _l2_normalize(background_values)
         bg_distance = jnp.sqrt(jnp.sum(jnp.square(h - bg), axis=-1) + 1e-12)
-        loss = loss + masked_mean(jax.nn.relu(hardest_positive - bg_distance + margin), has_positive)
+        loss = loss + masked_mean(
+            jax.nn.relu(hardest_positive - bg_distance + margin), has_positive
+        )
     return loss
 
 

@@ -10,6 +10,7 @@ to 0).
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -44,13 +45,15 @@ class FDHMFE(nn.Module):
     gnn_heads: int = 4
     use_classifier: bool = True
     use_proxies: bool = True
+    freeze_backbone: bool = False  # backbone BatchNorm keeps its (pretrained) statistics
     proxy_seed: int = 0
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, train: bool = False) -> dict:
         backbone = get_backbone(self.backbone, width=self.width, dtype=self.dtype)
-        stage_maps = backbone.clone(parent=self, name="backbone")(images, train)
+        backbone_train = train and not self.freeze_backbone
+        stage_maps = backbone.clone(parent=self, name="backbone")(images, backbone_train)
         stage_maps = {name: stage_maps[name] for name in self.stages} | {"C5": stage_maps["C5"]}
         outputs = {}
         mask = None
@@ -73,7 +76,9 @@ class FDHMFE(nn.Module):
         outputs["descriptor"] = descriptor.astype(jnp.float32)
 
         heads = {k: nn.Dense(k, dtype=self.dtype, name=f"hash_{k}") for k in self.bits}
-        outputs["hash"] = {str(k): jnp.tanh(head(descriptor).astype(jnp.float32)) for k, head in heads.items()}
+        outputs["hash"] = {
+            str(k): jnp.tanh(head(descriptor).astype(jnp.float32)) for k, head in heads.items()
+        }
         if background is not None:
             outputs["hash_background"] = {
                 str(k): jnp.tanh(head(background).astype(jnp.float32)) for k, head in heads.items()
@@ -91,6 +96,12 @@ class FDHMFE(nn.Module):
 def binarize(hash_values: jnp.ndarray) -> jnp.ndarray:
     """Continuous codes `[..., K]` -> int8 codes in {-1, +1} (0 maps to +1)."""
     return jnp.where(hash_values >= 0, 1, -1).astype(jnp.int8)
+
+
+def init_variables(model: FDHMFE, seed: int = 0, image_size: int = 224) -> dict:
+    """Initial `{"params", "batch_stats"}` of `model` for square `image_size` inputs (jitted)."""
+    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return jax.jit(lambda: model.init(jax.random.key(seed), images, train=False))()
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> FDHMFE:
@@ -113,6 +124,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> FDHMFE:
         gnn_heads=model.gnn_heads,
         use_classifier=model.use_classifier,
         use_proxies=config.loss.use_proxy,
+        freeze_backbone=model.freeze_backbone,
         proxy_seed=config.seed,
         dtype=jnp.bfloat16 if model.dtype == "bfloat16" else jnp.float32,
     )

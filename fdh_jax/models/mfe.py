@@ -154,9 +154,9 @@ class MultiLevelFeatures(nn.Module):
         """
         projected = {}
         for name in self.stages:
-            x = nn.Conv(self.node_dim, (1, 1), use_bias=False, dtype=self.dtype, name=f"{name}_proj")(
-                stage_maps[name]
-            )
+            x = nn.Conv(
+                self.node_dim, (1, 1), use_bias=False, dtype=self.dtype, name=f"{name}_proj"
+            )(stage_maps[name])
             x = BatchNorm(use_running_average=not train, dtype=self.dtype, name=f"{name}_bn")(x)
             projected[name] = nn.relu(x)
         stage_embedding = self.param(

@@ -35,7 +35,10 @@ def _min_distance_search(num_classes: int, bits: int, seed: int, sweeps: int = 3
             differs = others != codes[i]  # [C-1, K]: flipping b changes distance by -1 / +1
             flipped = base[:, None] + np.where(differs, -1, 1)  # [C-1, K]
             current = (base.min(), -(base == base.min()).sum())
-            candidates = [(flipped[:, b].min(), -(flipped[:, b] == flipped[:, b].min()).sum()) for b in range(bits)]
+            candidates = [
+                (flipped[:, b].min(), -(flipped[:, b] == flipped[:, b].min()).sum())
+                for b in range(bits)
+            ]
             best = max(range(bits), key=lambda b: candidates[b])
             if candidates[best] > current:
                 codes[i, best] = -codes[i, best]

@@ -12,7 +12,11 @@ import jax.numpy as jnp
 
 
 def background_mask(
-    deepest_stage: jnp.ndarray, *, temperature: float = 4.0, gradient: bool = False, eps: float = 1e-5
+    deepest_stage: jnp.ndarray,
+    *,
+    temperature: float = 4.0,
+    gradient: bool = False,
+    eps: float = 1e-5,
 ) -> jnp.ndarray:
     """Soft foreground mask of each image.
 

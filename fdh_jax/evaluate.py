@@ -1,0 +1,130 @@
+"""Evaluation: encode the query and database splits, score retrieval, write `results.json`.
+
+Protocol (DESIGN 1.3): database = train split, query = test split, mAP over the whole database
+(mAP@all) for every code length, plus precision@k. Distance ties are broken by database index
+unless `config.eval.tie_break` says otherwise.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from fdh_jax import parallel
+from fdh_jax.data.pipeline import eval_dataset
+from fdh_jax.metrics import mean_average_precision, precision_at_k
+from fdh_jax.models.fdh import binarize
+
+__all__ = [
+    "encode",
+    "encode_source",
+    "evaluate",
+    "format_table",
+    "mean_average_precision",
+    "write_results",
+]
+
+
+def encode(model, variables: dict, images: jax.Array) -> dict[str, jax.Array]:
+    """Binary codes of a batch: `images: [B, H, W, 3]` -> `{"K": int8 [B, K] in {-1, +1}}`."""
+    outputs = model.apply(variables, images, train=False)
+    return {k: binarize(h) for k, h in outputs["hash"].items()}
+
+
+def _padded_order(num_items: int, global_batch: int) -> np.ndarray:
+    """Dataset indices padded (with index 0) to a multiple of the global batch."""
+    padding = (-num_items) % global_batch
+    return np.concatenate([np.arange(num_items), np.zeros(padding, np.int64)])
+
+
+def encode_source(
+    model, variables: dict, source: Any, config: ml_collections.ConfigDict, mesh
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Codes of every item of `source`, in dataset order, on every process.
+
+    Each process encodes its slots of each global batch; the codes are gathered so every item
+    appears exactly once. Returns `({"K": int8 [N, K]}, labels int32 [N])`.
+    """
+    global_batch = config.eval.batch_size
+    local_batch = global_batch // jax.process_count()
+    order = _padded_order(len(source), global_batch).reshape(-1, global_batch)
+    mine = order[:, jax.process_index() * local_batch : (jax.process_index() + 1) * local_batch]
+    encode_fn = jax.jit(
+        lambda v, x: encode(model, v, x),
+        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+    )
+    chunks: dict[str, list[np.ndarray]] = {}
+    for batch in eval_dataset(source, config, mine.reshape(-1)):
+        images = parallel.global_batch({"image": batch["image"]}, mesh)["image"]
+        for k, codes in encode_fn(variables, images).items():
+            chunks.setdefault(k, []).append(
+                np.asarray(multihost_utils.process_allgather(codes, tiled=True))
+            )
+    codes = {k: np.concatenate(v)[: len(source)] for k, v in chunks.items()}
+    return codes, np.asarray(source.labels, np.int32)
+
+
+def evaluate(
+    model,
+    variables: dict,
+    query: Any,
+    database: Any,
+    config: ml_collections.ConfigDict,
+    mesh,
+) -> dict:
+    """Encodes both splits and computes mAP@all and precision@k for every code length."""
+    query_codes, query_labels = encode_source(model, variables, query, config, mesh)
+    db_codes, db_labels = encode_source(model, variables, database, config, mesh)
+    results = {
+        "dataset": config.data.name,
+        "bits": [int(k) for k in config.bits],
+        "mAP": {},
+        "precision_at_k": {},
+        "num_query": len(query),
+        "num_database": len(database),
+    }
+    for k in map(str, config.bits):
+        results["mAP"][k] = float(
+            mean_average_precision(
+                query_codes[k],
+                db_codes[k],
+                query_labels,
+                db_labels,
+                tie_break=config.eval.tie_break,
+            )
+        )
+        results["precision_at_k"][k] = {
+            str(n): float(precision_at_k(query_codes[k], db_codes[k], query_labels, db_labels, n))
+            for n in config.eval.precision_at_k
+        }
+    return results
+
+
+def write_results(workdir: Path, results: dict) -> Path:
+    """Writes `workdir/results.json` atomically (no half-written file on a crash)."""
+    path = Path(workdir) / "results.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def format_table(results: dict) -> str:
+    """The mAP / precision@k table printed after evaluation."""
+    ks = list(next(iter(results["precision_at_k"].values()), {}))
+    header = ["bits", "mAP@all"] + [f"P@{n}" for n in ks]
+    lines = [
+        f"{results['dataset']}: {results['num_query']} queries, "
+        f"{results['num_database']} database items",
+        " | ".join(f"{h:>8}" for h in header),
+    ]
+    for k in map(str, results["bits"]):
+        row = [k, f"{results['mAP'][k]:.4f}"] + [
+            f"{results['precision_at_k'][k][n]:.4f}" for n in ks
+        ]
+        lines.append(" | ".join(f"{c:>8}" for c in row))
+    return "\n".join(lines)

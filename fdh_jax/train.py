@@ -1,0 +1,351 @@
+"""Training: `train_and_evaluate(config, workdir)`.
+
+One linear procedure in banner sections: config check, mesh, data, model, optimiser, checkpoint,
+loop, evaluation. The update step is one `jax.jit` over the `('data',)` mesh. Everything that
+decides a run's trajectory (parameters, optimiser state, step, grain iterator state) is in the
+checkpoint, and the batches and augmentation are pure functions of (seed, step), so a run that is
+killed and restarted from its workdir ends exactly where an uninterrupted run would.
+"""
+
+import json
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+import orbax.checkpoint as ocp
+from flax.training import train_state
+
+from fdh_jax import evaluate, parallel
+from fdh_jax.data import load_split
+from fdh_jax.data.pipeline import iterate, train_dataset
+from fdh_jax.losses import total_loss
+from fdh_jax.models.fdh import build_model
+from fdh_jax.validation import validate_config
+
+
+class TrainState(train_state.TrainState):
+    """Parameters, optimiser state and step, plus BatchNorm statistics."""
+
+    batch_stats: Any
+
+
+# ---------------------------------------------------------------------------------- optimiser
+def make_optimizer(
+    config: ml_collections.ConfigDict, total_steps: int
+) -> optax.GradientTransformation:
+    """Warm-up + cosine schedule; SGD-momentum or AdamW; the backbone at its own rate or frozen."""
+    train = config.train
+    warmup = min(train.warmup_steps, max(total_steps - 1, 0))
+
+    def schedule(multiplier: float) -> optax.Schedule:
+        return optax.warmup_cosine_decay_schedule(
+            0.0, train.learning_rate * multiplier, warmup, max(total_steps, warmup + 1), 0.0
+        )
+
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+
+    def optimizer(multiplier: float) -> optax.GradientTransformation:
+        if train.optimizer == "adamw":
+            return optax.adamw(
+                schedule(multiplier), weight_decay=train.weight_decay, mask=decay_mask
+            )
+        return optax.chain(
+            optax.add_decayed_weights(train.weight_decay, mask=decay_mask),
+            optax.sgd(schedule(multiplier), momentum=train.momentum),
+        )
+
+    backbone = (
+        optax.set_to_zero()
+        if config.model.freeze_backbone
+        else optimizer(train.backbone_lr_multiplier)
+    )
+
+    def label(params):
+        return {
+            name: jax.tree.map(
+                lambda _, group="backbone" if name == "backbone" else "head": group, sub
+            )
+            for name, sub in params.items()
+        }
+
+    tx = optax.multi_transform({"backbone": backbone, "head": optimizer(1.0)}, label)
+    if train.grad_clip > 0:
+        tx = optax.chain(optax.clip_by_global_norm(train.grad_clip), tx)
+    return tx
+
+
+def learning_rate(config: ml_collections.ConfigDict, total_steps: int, step: int) -> float:
+    """The head learning rate at `step` (for logging)."""
+    warmup = min(config.train.warmup_steps, max(total_steps - 1, 0))
+    fn = optax.warmup_cosine_decay_schedule(
+        0.0, config.train.learning_rate, warmup, max(total_steps, warmup + 1), 0.0
+    )
+    return float(fn(step))
+
+
+# ---------------------------------------------------------------------------------- state
+def create_train_state(
+    config: ml_collections.ConfigDict, model, tx: optax.GradientTransformation, mesh
+) -> TrainState:
+    """Initialises the replicated train state from `config.seed` (jitted: created on device)."""
+    size = config.data.image_size
+
+    def init() -> TrainState:
+        variables = model.init(
+            jax.random.key(config.seed), jnp.zeros((1, size, size, 3)), train=False
+        )
+        return TrainState.create(
+            apply_fn=model.apply,
+            params=variables["params"],
+            tx=tx,
+            batch_stats=variables.get("batch_stats", {}),
+        )
+
+    state = jax.jit(init, out_shardings=parallel.replicated(mesh))()
+    if config.model.pretrained:
+        from fdh_jax.models.pretrained import graft_pretrained  # noqa: PLC0415 - optional deps
+
+        params, batch_stats = graft_pretrained(
+            config.model.backbone, config.model.pretrained, state.params, state.batch_stats
+        )
+        state = state.replace(
+            params=params, batch_stats=batch_stats, opt_state=jax.jit(tx.init)(params)
+        )
+        state = jax.device_put(state, parallel.replicated(mesh))
+    return state
+
+
+def train_step(state: TrainState, batch: dict, loss_config: ml_collections.ConfigDict):
+    """One update on a global batch; returns `(new_state, measurements)`."""
+
+    def loss_fn(params):
+        outputs, mutated = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"],
+            train=True,
+            mutable=["batch_stats"],
+        )
+        loss, parts = total_loss(outputs, batch["label"], loss_config)
+        return loss, (parts, mutated["batch_stats"])
+
+    (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    measurements = {
+        "loss": loss,
+        **parts,
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(new_state.params),
+    }
+    return new_state, measurements
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.train.keep_checkpoints, create=True, enable_async_checkpointing=True
+    )
+    return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options)
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState, step: int):
+    """Restores `(state, progress)` saved at `step` onto the shardings of `state`."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()
+        ),
+    )
+    return restored.state, restored.progress
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: TrainState, progress: dict):
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------- logging
+def _format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return (
+        f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+        if seconds >= 3600
+        else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
+
+
+def report(message: str) -> None:
+    """Progress output, from process 0 only."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def _log_step(step: int, total: int, metrics: dict, images_per_second: float, writer) -> None:
+    eta = (total - step) * (metrics["batch_size"] / max(images_per_second, 1e-9))
+    report(
+        f"step {step}/{total} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
+        f"{images_per_second:.0f} img/s | ETA {_format_seconds(eta)}"
+    )
+    if writer is not None:
+        writer.write(
+            json.dumps({"step": step, **metrics, "images_per_second": images_per_second}) + "\n"
+        )
+        writer.flush()
+
+
+# ---------------------------------------------------------------------------------- main entry
+def total_train_steps(config: ml_collections.ConfigDict, num_database: int) -> int:
+    if config.train.num_steps > 0:
+        return int(config.train.num_steps)
+    steps_per_epoch = max(1, num_database // config.train.batch_size)
+    return max(1, math.ceil(config.train.num_epochs * steps_per_epoch))
+
+
+class NoCheckpointError(FileNotFoundError):
+    """`--mode=eval` on a workdir without a checkpoint."""
+
+
+class _Run(NamedTuple):
+    mesh: jax.sharding.Mesh
+    database: Any
+    query: Any
+    total_steps: int
+    model: Any
+    state: TrainState
+    manager: ocp.CheckpointManager
+    progress: dict
+
+
+def _prepare(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
+    """Validates the config, opens the data, builds the model and restores the latest state."""
+    validate_config(config, jax.device_count())
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    mesh = parallel.make_mesh()
+    database = load_split(config, "train")
+    query = load_split(config, "test")
+    total_steps = total_train_steps(config, len(database))
+    model = build_model(config, database.num_classes)
+    state = create_train_state(config, model, make_optimizer(config, total_steps), mesh)
+    manager = checkpoint_manager(workdir, config)
+    progress = {"data": None, "train_seconds": 0.0}
+    latest = manager.latest_step()
+    if latest is not None:
+        state, progress = restore_checkpoint(manager, state, latest)
+        report(f"Restored {workdir / 'checkpoints'} at step {latest}.")
+    return _Run(mesh, database, query, total_steps, model, state, manager, progress)
+
+
+def _evaluate_and_report(run: _Run, config, workdir: Path, train_seconds: float) -> dict:
+    variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
+    results = evaluate.evaluate(run.model, variables, run.query, run.database, config, run.mesh)
+    results |= {"train_seconds": round(train_seconds, 3), "steps": int(run.state.step)}
+    if jax.process_index() == 0:
+        evaluate.write_results(workdir, results)
+        print(evaluate.format_table(results), flush=True)
+    return results
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """`--mode=eval`: evaluates the latest checkpoint in `workdir` and writes results.json."""
+    workdir = Path(workdir)
+    run = _prepare(config, workdir)
+    try:
+        if run.manager.latest_step() is None:
+            raise NoCheckpointError(f"no checkpoint in {workdir / 'checkpoints'}: train first")
+        return _evaluate_and_report(run, config, workdir, float(run.progress["train_seconds"]))
+    finally:
+        run.manager.close()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Trains FDH-MFE (resuming from `workdir`), evaluates, writes `workdir/results.json`.
+
+    Returns the results dict (DESIGN section 3).
+    """
+    workdir = Path(workdir)
+    is_main = jax.process_index() == 0
+    run = _prepare(config, workdir)
+    mesh, total_steps, manager, state, progress = (
+        run.mesh,
+        run.total_steps,
+        run.manager,
+        run.state,
+        run.progress,
+    )
+    start_step = int(state.step)
+    dataset = train_dataset(
+        run.database,
+        config,
+        total_steps,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+    # ---- loop
+    step_fn = jax.jit(
+        partial(train_step, loss_config=config.loss),
+        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+        out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+        donate_argnums=0,
+    )
+    train_seconds = float(progress["train_seconds"])
+    if start_step < total_steps:
+        report(
+            f"Training {config.model.backbone} on {config.data.name} ({len(run.database)} images, "
+            f"{run.database.num_classes} classes) for {total_steps} steps, batch "
+            f"{config.train.batch_size}, {jax.device_count()} device(s)."
+        )
+        iterator = iterate(dataset, progress["data"])
+        writer = open(workdir / "metrics.jsonl", "a") if is_main else None  # noqa: SIM115
+        window_start, window_steps = time.perf_counter(), 0
+        segment_start = time.perf_counter()
+        try:
+            for step in range(start_step + 1, total_steps + 1):
+                batch = parallel.global_batch(next(iterator), mesh)
+                state, measurements = step_fn(state, batch)
+                window_steps += 1
+                if step % config.train.log_every == 0 or step == total_steps:
+                    metrics = {k: float(v) for k, v in jax.device_get(measurements).items()}
+                    if not all(math.isfinite(v) for v in metrics.values()):
+                        bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+                        raise FloatingPointError(f"non-finite {', '.join(bad)} at step {step}")
+                    now = time.perf_counter()
+                    rate = window_steps * config.train.batch_size / (now - window_start)
+                    window_start, window_steps = now, 0
+                    metrics |= {
+                        "lr": learning_rate(config, total_steps, step),
+                        "batch_size": config.train.batch_size,
+                    }
+                    _log_step(step, total_steps, metrics, rate, writer)
+                if step % config.train.checkpoint_every == 0 or step == total_steps:
+                    elapsed = train_seconds + time.perf_counter() - segment_start
+                    save_checkpoint(
+                        manager,
+                        step,
+                        state,
+                        {"data": iterator.get_state(), "train_seconds": elapsed},
+                    )
+        finally:
+            manager.wait_until_finished()
+            if writer is not None:
+                writer.close()
+        train_seconds += time.perf_counter() - segment_start
+    else:
+        report(f"Checkpoint at step {start_step} is final: evaluating without training.")
+
+    # ---- evaluation
+    results = _evaluate_and_report(run._replace(state=state), config, workdir, train_seconds)
+    manager.close()
+    return results
