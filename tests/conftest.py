@@ -1,0 +1,47 @@
+"""Shared test helpers: tiny configs that train in seconds on a CPU."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str):
+    """`configs/<name>.py`'s `get_config()`."""
+    spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def tiny_config(num_steps: int = 4):
+    """The demo config shrunk to a model and data set that run in seconds."""
+    config = load_config("demo")
+    config.data.synthetic.num_classes = 4
+    config.data.synthetic.train_per_class = 6
+    config.data.synthetic.test_per_class = 3
+    config.data.synthetic.image_size = 32
+    config.data.image_size = 32
+    config.data.eval_resize = 32
+    config.model.width = 8
+    config.model.node_dim = 16
+    config.model.gnn_heads = 2
+    config.model.gnn_layers = 1
+    config.bits = (8, 12)
+    config.train.batch_size = 8
+    config.train.classes_per_batch = 4
+    config.train.images_per_class = 2
+    config.train.num_steps = num_steps
+    config.train.warmup_steps = 1
+    config.train.log_every = 1
+    config.train.checkpoint_every = 2
+    config.eval.batch_size = 8
+    config.eval.precision_at_k = (2,)
+    return config
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config()

@@ -1,0 +1,143 @@
+"""Each loss against a NumPy reference written independently (loops where it is clearer)."""
+
+import numpy as np
+import pytest
+
+from fdh_jax import losses
+
+
+def _normalize(x):
+    return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + 1e-8)
+
+
+def _log_softmax(z):
+    z = z - z.max()
+    return z - np.log(np.exp(z).sum())
+
+
+@pytest.fixture
+def batch():
+    rng = np.random.default_rng(0)
+    h = np.tanh(rng.normal(size=(8, 6))).astype(np.float32)
+    h_bg = np.tanh(rng.normal(size=(8, 6))).astype(np.float32)
+    labels = np.array([0, 0, 1, 1, 2, 2, 3, 1], np.int32)
+    proxies = rng.choice([-1.0, 1.0], size=(4, 6)).astype(np.float32)
+    return h, h_bg, labels, proxies
+
+
+def test_proxy_loss_matches_numpy(batch):
+    h, _, labels, proxies = batch
+    scale, margin = 8.0, 0.3
+    expected = []
+    for i in range(len(h)):
+        cos = np.array([_normalize(h[i]) @ _normalize(p) for p in proxies])
+        cos[labels[i]] -= margin
+        expected.append(-_log_softmax(scale * cos)[labels[i]])
+    got = losses.proxy_loss(h, proxies, labels, scale=scale, margin=margin)
+    np.testing.assert_allclose(got, np.mean(expected), rtol=1e-5)
+
+
+def test_proxy_uniformity_matches_numpy(batch):
+    *_, proxies = batch
+    p = _normalize(proxies.astype(np.float64))
+    terms = [
+        np.exp(-2.0 * np.sum((p[i] - p[j]) ** 2))
+        for i in range(len(p))
+        for j in range(len(p))
+        if i != j
+    ]
+    np.testing.assert_allclose(
+        losses.proxy_uniformity(proxies, t=2.0), np.log(np.mean(terms)), rtol=1e-5
+    )
+
+
+def test_balance_and_quantization(batch):
+    h, *_ = batch
+    np.testing.assert_allclose(
+        losses.bit_balance_loss(h), np.sum(h.mean(0) ** 2) / h.shape[1], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        losses.quantization_loss(h), np.mean((np.abs(h) - 1) ** 2), rtol=1e-5
+    )
+    # Hand-computed: perfectly balanced binary codes cost nothing.
+    codes = np.array([[1, -1], [-1, 1]], np.float32)
+    assert float(losses.bit_balance_loss(codes)) == 0.0
+    assert float(losses.quantization_loss(codes)) == 0.0
+
+
+def _triplet_reference(h, labels, h_bg, margin):
+    h = _normalize(h.astype(np.float64))
+    class_terms, bg_terms = [], []
+    for a in range(len(h)):
+        pos = [
+            np.linalg.norm(h[a] - h[p]) for p in range(len(h)) if p != a and labels[p] == labels[a]
+        ]
+        neg = [np.linalg.norm(h[a] - h[n]) for n in range(len(h)) if labels[n] != labels[a]]
+        if not pos:
+            continue
+        if neg:
+            class_terms.append(max(0.0, max(pos) - min(neg) + margin))
+        if h_bg is not None:
+            d_bg = np.linalg.norm(h[a] - _normalize(h_bg[a].astype(np.float64)))
+            bg_terms.append(max(0.0, max(pos) - d_bg + margin))
+    loss = np.mean(class_terms)
+    return loss + (np.mean(bg_terms) if h_bg is not None else 0.0)
+
+
+@pytest.mark.parametrize("with_background", [False, True])
+def test_triplet_loss_matches_numpy(batch, with_background):
+    h, h_bg, labels, _ = batch
+    bg = h_bg if with_background else None
+    got = losses.triplet_loss(h, labels, bg, margin=0.4)
+    np.testing.assert_allclose(got, _triplet_reference(h, labels, bg, 0.4), rtol=1e-5)
+
+
+def test_triplet_background_negative_is_active():
+    # Positives coincide, class negatives are far: only the background term can be non-zero,
+    # and it is exactly margin - d(anchor, own background).
+    h = np.array([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]], np.float32)
+    labels = np.array([0, 0, 1, 1])
+    h_bg = np.array([[1.0, 0.1], [1.0, 0.1], [-1.0, -0.1], [-1.0, -0.1]], np.float32)
+    d_bg = np.linalg.norm(_normalize(np.array([1.0, 0.1])) - np.array([1.0, 0.0]))
+    got = losses.triplet_loss(h, labels, h_bg, margin=0.5)
+    np.testing.assert_allclose(got, 0.5 - d_bg, rtol=1e-4)
+    assert float(losses.triplet_loss(h, labels, None, margin=0.5)) == 0.0
+
+
+def test_classification_loss_matches_numpy():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(5, 7)).astype(np.float32)
+    labels = rng.integers(0, 7, 5)
+    eps = 0.1
+    expected = []
+    for i in range(5):
+        target = np.full(7, eps / 7)
+        target[labels[i]] += 1 - eps
+        expected.append(-np.sum(target * _log_softmax(logits[i])))
+    got = losses.classification_loss(logits, labels, smoothing=eps)
+    np.testing.assert_allclose(got, np.mean(expected), rtol=1e-5)
+
+
+def test_total_loss_switches(tiny):
+    rng = np.random.default_rng(2)
+    outputs = {
+        "hash": {"8": np.tanh(rng.normal(size=(4, 8))).astype(np.float32)},
+        "hash_background": {"8": np.tanh(rng.normal(size=(4, 8))).astype(np.float32)},
+        "proxies": {"8": rng.choice([-1.0, 1.0], size=(2, 8)).astype(np.float32)},
+        "class_logits": rng.normal(size=(4, 2)).astype(np.float32),
+    }
+    labels = np.array([0, 0, 1, 1])
+    loss, parts = losses.total_loss(outputs, labels, tiny.loss)
+    assert {
+        "proxy_8",
+        "triplet_8",
+        "quantization_8",
+        "balance_8",
+        "uniformity",
+        "classification",
+    } == set(parts)
+    np.testing.assert_allclose(loss, sum(float(v) for v in parts.values()), rtol=1e-6)
+    tiny.loss.use_triplet = False
+    tiny.loss.use_proxy = False
+    _, parts = losses.total_loss(outputs, labels, tiny.loss)
+    assert not any(k.startswith(("proxy", "triplet", "uniformity")) for k in parts)

@@ -1,0 +1,64 @@
+"""Invalid configs fail before compilation with a one-line message naming the field."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from fdh_jax.validation import ConfigError, validate_config
+
+
+@pytest.mark.parametrize(
+    "field,value,num_devices,named",
+    [
+        ("model.backbone", "resnet7", 1, "config.model.backbone"),
+        ("bits", (0, 24), 1, "config.bits"),
+        ("bits", (), 1, "config.bits"),
+        ("train.batch_size", 6, 4, "config.train.batch_size"),
+        ("train.classes_per_batch", 3, 1, "config.train.classes_per_batch"),
+        ("model.gnn_heads", 3, 1, "config.model.gnn_heads"),
+        ("model.stages", ("C3", "C9"), 1, "config.model.stages"),
+        ("data.name", "imagenet", 1, "config.data.name"),
+        ("train.optimizer", "lion", 1, "config.train.optimizer"),
+        ("eval.tie_break", "random", 1, "config.eval.tie_break"),
+        ("model.dtype", "float16", 1, "config.model.dtype"),
+    ],
+)
+def test_invalid_field_is_named(tiny, field, value, num_devices, named):
+    section, _, name = field.rpartition(".")
+    target = tiny if not section else tiny[section]
+    target[name] = value
+    if field == "train.batch_size":
+        tiny.train.classes_per_batch, tiny.train.images_per_class = 3, 2
+    with pytest.raises(ConfigError) as error:
+        validate_config(tiny, num_devices)
+    message = str(error.value)
+    assert message.startswith(named + ":") and "\n" not in message
+
+
+def test_valid_tiny_config_passes(tiny):
+    validate_config(tiny, 1)
+    validate_config(tiny, 4)
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fdh_jax.main",
+            "--config=configs/demo.py",
+            f"--workdir={tmp_path / 'w'}",
+            "--config.model.backbone=resnet7",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("fdh_jax: error: config.model.backbone: unknown backbone 'resnet7'")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists()  # nothing written, nothing compiled
