@@ -57,20 +57,23 @@ _DEVICE_HISTOGRAM = False  # tests set True to run the accelerator path on CPU
 def _segment_keys(
     query_words: jax.Array,
     db_words: jax.Array,
-    segment: jax.Array,
-    num_segments: jax.Array,
-    num_distances: jax.Array,
+    segment_table: jax.Array,
+    slot: jax.Array,
+    row_base: jax.Array,
+    row_segments: jax.Array,
 ) -> jax.Array:
     """Histogram bin of every (query, database item).
 
-    `query_words: [C, W]`, `db_words: [B, W]` uint32; `segment: [B]` int32 = number of relevant
-    items before each database item in this block; scalars `num_segments` (relevant in block + 1),
-    `num_distances` (K + 1) -> `[C, B]` int32 keys `(row * num_segments + segment) * (K+1) + dist`.
+    `query_words: [C, W]`, `db_words: [B, W]` uint32; `segment_table: [S, B]` int32, for each class
+    in the chunk the number of its relevant items before each database item of this block;
+    `slot: [C]` int32 the row's class in the table; `row_base: [C]` int32 the row's first bin;
+    `row_segments: [C]` int32 the row's relevant items in this block + 1
+    -> `[C, B]` int32 keys `row_base + distance * row_segments + segment`: per row, bins ordered
+    by distance, then by segment, so per-distance cumulative sums run along contiguous memory.
     """
     distance = lax.population_count(query_words[:, None, :] ^ db_words[None, :, :])
     distance = distance.astype(jnp.int32).sum(-1)
-    row = jnp.arange(query_words.shape[0], dtype=jnp.int32)[:, None]
-    return (row * num_segments + segment[None, :]) * num_distances + distance
+    return row_base[:, None] + distance * row_segments[:, None] + segment_table[slot]
 
 
 @partial(jax.jit, static_argnames=("num_bins",))
@@ -122,25 +125,21 @@ def _validate_labels(labels: Any, size: int, name: str) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _block_statistics(
-    keys: jax.Array, num_rows: int, num_bins: int, relevant_local: np.ndarray, num_distances: int
+def _histogram_and_columns(
+    keys: jax.Array, num_rows: int, num_bins: int, columns: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(histogram [num_bins] int64, relevant distances [num_rows, R_b]) of one kernel call."""
-    on_cpu = keys.devices() == {jax.devices("cpu")[0]} and not _DEVICE_HISTOGRAM
-    if on_cpu:  # np.bincount beats XLA's CPU scatter by ~4x.
-        host_keys = np.asarray(keys)[:num_rows]
-        histogram = np.bincount(host_keys.ravel(), minlength=num_bins)
-        return histogram, host_keys[:, relevant_local] % num_distances
+    """One kernel call's keys -> (bincount `[num_bins]` int64 of rows < num_rows,
+    keys at `columns`: `[num_rows, len(columns)]`)."""
+    if keys.devices() == {jax.devices("cpu")[0]} and not _DEVICE_HISTOGRAM:
+        host_keys = np.asarray(keys)[:num_rows]  # np.bincount beats XLA's CPU scatter ~4x
+        return np.bincount(host_keys.ravel(), minlength=num_bins), host_keys[:, columns]
     # Sizes padded to powers of two so that few shapes compile.
     padded_bins = 1 << max(num_bins - 1, 1).bit_length()
     histogram = _scatter_histogram(keys, num_rows, padded_bins)
-    padded_index = np.zeros(1 << max(len(relevant_local) - 1, 0).bit_length(), np.int32)
-    padded_index[: len(relevant_local)] = relevant_local
-    distances = np.asarray(keys[:, padded_index] % num_distances)
-    return (
-        np.asarray(histogram)[:num_bins].astype(np.int64),
-        distances[:num_rows, : len(relevant_local)].astype(np.int64),
-    )
+    padded_columns = np.zeros(1 << max(len(columns) - 1, 0).bit_length(), np.int32)
+    padded_columns[: len(columns)] = columns
+    gathered = np.asarray(keys[:, padded_columns])[:num_rows, : len(columns)]
+    return np.asarray(histogram)[:num_bins].astype(np.int64), gathered
 
 
 def _ranking_statistics(
@@ -171,6 +170,17 @@ def _ranking_statistics(
     )
 
 
+def _query_chunks(costs: np.ndarray) -> list[tuple[int, int]]:
+    """Greedy [start, end) runs of at most _MAX_QUERY_CHUNK rows and _MAX_BINS bins (>= 1 row)."""
+    chunks, start = [], 0
+    while start < len(costs):
+        total = np.cumsum(costs[start : start + _MAX_QUERY_CHUNK])
+        end = start + max(1, int(np.searchsorted(total, _MAX_BINS, side="right")))
+        chunks.append((start, end))
+        start = end
+    return chunks
+
+
 def _iterate_statistics(
     query_words: np.ndarray,
     db_words: np.ndarray,
@@ -186,77 +196,110 @@ def _iterate_statistics(
     db_blocks = [jnp.asarray(db_words[start : start + block]) for start in block_starts]
 
     classes, query_class = np.unique(query_labels, return_inverse=True)
+    position = np.minimum(np.searchsorted(classes, db_labels), len(classes) - 1)
+    db_class = np.where(classes[position] == db_labels, position, -1)  # -1: no query has it
+    known = db_class >= 0
+    relevant_per_block = np.zeros((len(classes), len(block_starts)), np.int64)
+    np.add.at(relevant_per_block, (db_class[known], np.flatnonzero(known) // block), 1)
     query_order = np.argsort(query_class, kind="stable")
-    query_bounds = np.searchsorted(query_class[query_order], np.arange(len(classes) + 1))
+    if not include_unmatched:
+        query_order = query_order[relevant_per_block.sum(1)[query_class[query_order]] > 0]
+    bins_per_query = (relevant_per_block.max(1) + 1) * num_distances
+    chunks = _query_chunks(bins_per_query[query_class[query_order]])
+
+    relevant_before: dict[int, np.ndarray] = {}  # class -> [N] relevant items before each item
+    relevant_index: dict[int, np.ndarray] = {}  # class -> its database indices
 
     def launched_tasks() -> Iterator[tuple]:
         """Yields kernel calls already dispatched (XLA runs them while the host bins the last)."""
-        for c, label in enumerate(classes):
-            is_relevant = db_labels == label
-            if not include_unmatched and not is_relevant.any():
-                continue
-            relevant_before = np.cumsum(is_relevant) - is_relevant  # [N]
-            per_block = [int(is_relevant[s : s + block].sum()) for s in block_starts]
-            bins_per_query = (max(per_block) + 1) * num_distances
-            rows = max(1, min(_MAX_QUERY_CHUNK, _MAX_BINS // bins_per_query))
-            queries = query_order[query_bounds[c] : query_bounds[c + 1]]
-            for q0 in range(0, len(queries), rows):
-                chunk = queries[q0 : q0 + rows]
-                padded_rows = 1 << (len(chunk) - 1).bit_length()
-                chunk_words = np.zeros((padded_rows, query_words.shape[1]), np.uint32)
-                chunk_words[: len(chunk)] = query_words[chunk]
-                for b, start in enumerate(block_starts):
-                    segment = relevant_before[start : start + block] - relevant_before[start]
-                    relevant_local = np.flatnonzero(is_relevant[start : start + block])
-                    keys = _segment_keys(
-                        chunk_words,
-                        db_blocks[b],
-                        segment.astype(np.int32),
-                        np.int32(per_block[b] + 1),
-                        np.int32(num_distances),
+        for start, end in chunks:
+            rows = query_order[start:end]
+            run_class, run_start, run_size = np.unique(
+                query_class[rows], return_index=True, return_counts=True
+            )
+            for c in list(relevant_before):
+                if c < run_class[0]:  # classes come in order: drop finished ones
+                    del relevant_before[c], relevant_index[c]
+            for c in run_class:
+                if c not in relevant_before:
+                    is_relevant = db_class == c
+                    relevant_before[c] = (np.cumsum(is_relevant) - is_relevant).astype(np.int32)
+                    relevant_index[c] = np.flatnonzero(is_relevant)
+            padded = 1 << (len(rows) - 1).bit_length()
+            chunk_words = np.zeros((padded, query_words.shape[1]), np.uint32)
+            chunk_words[: len(rows)] = query_words[rows]
+            slot = np.zeros(padded, np.int32)
+            slot[: len(rows)] = np.repeat(np.arange(len(run_class)), run_size)
+            for b, db_start in enumerate(block_starts):
+                db_end = min(db_start + block, num_db)
+                table = np.zeros(
+                    (1 << (len(run_class) - 1).bit_length(), db_end - db_start), np.int32
+                )
+                columns, column_bounds = [], [0]
+                for s, c in enumerate(run_class):
+                    table[s] = relevant_before[c][db_start:db_end] - relevant_before[c][db_start]
+                    index = relevant_index[c]
+                    lo, hi = np.searchsorted(index, (db_start, db_end))
+                    columns.append(index[lo:hi] - db_start)
+                    column_bounds.append(column_bounds[-1] + hi - lo)
+                in_block = relevant_per_block[run_class, b]
+                row_bins = np.repeat((in_block + 1) * num_distances, run_size)
+                row_base = np.zeros(padded, np.int32)
+                row_base[: len(rows)] = np.cumsum(row_bins) - row_bins
+                row_segments = np.ones(padded, np.int32)
+                row_segments[: len(rows)] = np.repeat(in_block + 1, run_size)
+                keys = _segment_keys(chunk_words, db_blocks[b], table, slot, row_base, row_segments)
+                runs = [
+                    (rows[i : i + n], int(row_base[i]), int(r), column_bounds[s : s + 2])
+                    for s, (i, n, r) in enumerate(zip(run_start, run_size, in_block, strict=True))
+                ]
+                yield b, keys, len(rows), int(row_bins.sum()), np.concatenate(columns), runs
+
+    state: dict[int, tuple] = {}  # run -> (counts, distances, ties) across database blocks
+
+    def consume(task: tuple) -> list[_RankingStatistics]:
+        b, keys, num_rows, num_bins, columns, runs = task
+        histogram, column_keys = _histogram_and_columns(keys, num_rows, num_bins, columns)
+        done, row = [], 0
+        for run, (query_index, base, in_block, (c0, c1)) in enumerate(runs):
+            n = len(query_index)
+            if b == 0:
+                state[run] = (np.zeros((n, num_distances), np.int64), [], [])
+            counts, distances, ties = state[run]
+            segments = in_block + 1
+            block_histogram = histogram[base : base + n * num_distances * segments]
+            block_histogram = block_histogram.reshape(n, num_distances, segments)
+            if in_block:
+                distance = (column_keys[row : row + n, c0:c1] - base) // segments
+                distance -= np.arange(n)[:, None] * num_distances
+                # Items at the relevant item's distance, up to and including it, in this block:
+                # relevant item r is the last item of segment r.
+                upto = np.cumsum(block_histogram, axis=2)
+                rows_, relevant_ = np.arange(n)[:, None], np.arange(in_block)[None, :]
+                within = upto[rows_, distance, relevant_] - 1
+                distances.append(distance)
+                ties.append(np.take_along_axis(counts, distance, 1) + within)
+            counts += block_histogram.sum(2)
+            row += n
+            if b == len(block_starts) - 1:
+                empty = np.zeros((n, 0), np.int64)
+                done.append(
+                    _RankingStatistics(
+                        query_index=query_index,
+                        counts_by_distance=counts,
+                        relevant_distance=np.concatenate(distances, 1) if distances else empty,
+                        tie_before=np.concatenate(ties, 1) if ties else empty,
                     )
-                    yield chunk, b, per_block[b], relevant_local, keys
-
-    state: dict[str, Any] = {}
-
-    def consume(task: tuple) -> _RankingStatistics | None:
-        chunk, b, relevant_in_block, relevant_local, keys = task
-        rows = len(chunk)
-        if b == 0:
-            state["counts"] = np.zeros((rows, num_distances), np.int64)
-            state["distances"], state["ties"] = [], []
-        segments = relevant_in_block + 1
-        histogram, distance = _block_statistics(
-            keys, rows, rows * segments * num_distances, relevant_local, num_distances
-        )
-        histogram = histogram.reshape(rows, segments, num_distances)
-        if relevant_in_block:
-            # Items at the relevant item's distance, up to and including it, in this block.
-            upto = np.cumsum(histogram[:, :relevant_in_block], axis=1)
-            within = np.take_along_axis(upto, distance[:, :, None], 2)[:, :, 0] - 1
-            earlier = np.take_along_axis(state["counts"], distance, 1)
-            state["distances"].append(distance)
-            state["ties"].append(earlier + within)
-        state["counts"] += histogram.sum(1)
-        if b < len(block_starts) - 1:
-            return None
-        empty = np.zeros((rows, 0), np.int64)
-        return _RankingStatistics(
-            query_index=chunk,
-            counts_by_distance=state["counts"],
-            relevant_distance=np.concatenate(state["distances"], 1)
-            if state["distances"]
-            else empty,
-            tie_before=np.concatenate(state["ties"], 1) if state["ties"] else empty,
-        )
+                )
+        return done
 
     previous = None
     for task in launched_tasks():
-        if previous is not None and (stats := consume(previous)) is not None:
-            yield stats
+        if previous is not None:
+            yield from consume(previous)
         previous = task
-    if previous is not None and (stats := consume(previous)) is not None:
-        yield stats
+    if previous is not None:
+        yield from consume(previous)
 
 
 def _topk_average_precision(ranks: np.ndarray, topk: int | None) -> np.ndarray:
