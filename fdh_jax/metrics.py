@@ -22,13 +22,15 @@ mAP@k (the field's `CalcTopMap` convention): mean precision over the relevant it
 the top k, i.e. normalised by the relevant items *retrieved*, not by min(R, k). A query with no
 relevant item in the database (or none within the top k) has AP 0 and still counts in the mean.
 
-Algorithm. No sort: all queries of one class share their relevant set, so for a chunk of such
-queries one jitted XLA kernel computes Hamming distances from packed words and a bin key
-(query, relevant items preceding in index order, distance) per database item; one `np.bincount`
-(a scatter-add on accelerators) gives, per query, how many database items lie at each distance
-and how many of those precede each relevant item. A relevant item's rank is then
-"items at smaller distance + items at equal distance with smaller index + 1". The database is
-processed in blocks and the histograms are bounded by `_MAX_BINS`, so memory stays bounded.
+Algorithm. No sort. Queries are taken in class order (all queries of a class share their relevant
+set); for a chunk of up to 64 queries one jitted XLA kernel computes Hamming distances from packed
+32-bit words (`population_count` of XORs) and, per (query, database item), a histogram bin
+(query, distance, number of the query's relevant items earlier in database order). One
+`np.bincount` (a scatter-add on accelerators) then gives, per query, how many database items lie
+at each distance and how many of those precede each relevant item, so a relevant item's rank is
+"items at smaller distance + items at equal distance with smaller index + 1". XLA computes the
+next chunk while NumPy bins the current one. The database is processed in blocks and histograms
+are capped at `_MAX_BINS` counters, so memory stays bounded for any size.
 """
 
 from __future__ import annotations
