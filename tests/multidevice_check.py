@@ -25,6 +25,9 @@ from fdh_jax.train import create_train_state, make_optimizer, train_step  # noqa
 
 def run(devices, num_steps=3):
     config = tiny_config(num_steps)
+    # SGD: the update is linear in the gradient, so parameters can be compared tightly. (Adam
+    # divides by sqrt(v): on near-zero gradients it amplifies float summation-order noise.)
+    config.train.optimizer = "sgd"
     mesh = parallel.make_mesh(devices)
     source = load_split(config, "train")
     model = build_model(config, source.num_classes)
@@ -47,8 +50,9 @@ if __name__ == "__main__":
     assert len(devices) == 4, f"expected 4 fake CPU devices, got {len(devices)}"
     many_losses, many_params, per_device = run(devices)
     one_losses, one_params, _ = run(devices[:1])
+    # Largest excess over an allclose(rtol=1e-4, atol=1e-6) bound; <= 0 means every leaf is close.
     param_error = max(
-        float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
+        float(np.max(np.abs(a - b) - 1e-4 * np.abs(b) - 1e-6))
         for a, b in zip(many_params, one_params, strict=True)
     )
     print(
@@ -58,7 +62,7 @@ if __name__ == "__main__":
                 "per_device_batch": per_device,
                 "losses_4": many_losses,
                 "losses_1": one_losses,
-                "max_relative_param_difference": param_error,
+                "param_allclose_excess": param_error,
             }
         )
     )
