@@ -7,24 +7,35 @@ unless `config.eval.tie_break` says otherwise.
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
+from PIL import Image
 
 from fdh_jax import parallel
 from fdh_jax.data.pipeline import eval_dataset
-from fdh_jax.metrics import mean_average_precision, precision_at_k
+from fdh_jax.metrics import (
+    mean_average_precision,
+    precision_at_k,
+    precision_recall_curve,
+    precision_within_radius,
+)
 from fdh_jax.models.fdh import binarize
+from fdh_jax.retrieval import hamming_topk
+from fdh_jax.visualize import plot_pr_curves, retrieval_gallery
 
 __all__ = [
+    "Evaluation",
     "encode",
     "encode_source",
     "evaluate",
     "format_table",
     "mean_average_precision",
+    "write_extra_metrics",
+    "write_figures",
     "write_results",
 ]
 
@@ -68,6 +79,17 @@ def encode_source(
     return codes, np.asarray(source.labels, np.int32)
 
 
+class Evaluation(NamedTuple):
+    """Scores plus what they were computed from (for figures and index files)."""
+
+    results: dict  # the results.json content (DESIGN section 3)
+    extra: dict  # precision within Hamming radius 2 and PR curves, per code length
+    query_codes: dict[str, np.ndarray]  # {"K": int8 [Q, K]}
+    db_codes: dict[str, np.ndarray]  # {"K": int8 [N, K]}
+    query_labels: np.ndarray  # int32 [Q]
+    db_labels: np.ndarray  # int32 [N]
+
+
 def evaluate(
     model,
     variables: dict,
@@ -75,8 +97,8 @@ def evaluate(
     database: Any,
     config: ml_collections.ConfigDict,
     mesh,
-) -> dict:
-    """Encodes both splits and computes mAP@all and precision@k for every code length."""
+) -> Evaluation:
+    """Encodes both splits; mAP@all, precision@k, radius-2 precision and PR curves per length."""
     query_codes, query_labels = encode_source(model, variables, query, config, mesh)
     db_codes, db_labels = encode_source(model, variables, database, config, mesh)
     results = {
@@ -87,21 +109,62 @@ def evaluate(
         "num_query": len(query),
         "num_database": len(database),
     }
+    extra = {"tie_break": config.eval.tie_break, "precision_radius_2": {}, "pr_curve": {}}
     for k in map(str, config.bits):
-        results["mAP"][k] = float(
-            mean_average_precision(
-                query_codes[k],
-                db_codes[k],
-                query_labels,
-                db_labels,
-                tie_break=config.eval.tie_break,
-            )
-        )
+        scored = (query_codes[k], db_codes[k], query_labels, db_labels)
+        results["mAP"][k] = float(mean_average_precision(*scored, tie_break=config.eval.tie_break))
         results["precision_at_k"][k] = {
-            str(n): float(precision_at_k(query_codes[k], db_codes[k], query_labels, db_labels, n))
-            for n in config.eval.precision_at_k
+            str(n): float(precision_at_k(*scored, n)) for n in config.eval.precision_at_k
         }
-    return results
+        extra["precision_radius_2"][k] = float(precision_within_radius(*scored, radius=2))
+        precision, recall = precision_recall_curve(*scored)
+        extra["pr_curve"][k] = {"precision": precision.tolist(), "recall": recall.tolist()}
+    return Evaluation(results, extra, query_codes, db_codes, query_labels, db_labels)
+
+
+def write_figures(
+    workdir: Path, evaluation: Evaluation, query: Any, database: Any, *, num_queries: int = 8
+) -> list[Path]:
+    """Writes `pr_curves.png`, and `gallery.png` + `gallery.html` for the longest code.
+
+    The gallery shows `num_queries` queries spread over the query split, each with its top-10
+    (ties by database index), framed green where the class matches and red where it does not.
+    """
+    workdir = Path(workdir)
+    curves = {
+        int(k): (np.asarray(c["precision"]), np.asarray(c["recall"]))
+        for k, c in evaluation.extra["pr_curve"].items()
+    }
+    plot_pr_curves(curves, workdir / "pr_curves.png", title=f"{evaluation.results['dataset']}: PR")
+    longest = str(max(evaluation.results["bits"]))
+    chosen = np.linspace(0, len(query) - 1, min(num_queries, len(query))).round().astype(int)
+    topk = min(10, len(database))
+    distances, indices = hamming_topk(
+        evaluation.query_codes[longest][chosen], evaluation.db_codes[longest], topk
+    )
+    retrieval_gallery(
+        np.stack([_thumbnail(query[int(i)]["image"]) for i in chosen]),
+        evaluation.query_labels[chosen],
+        lambda i: _thumbnail(database[int(i)]["image"]),
+        evaluation.db_labels,
+        indices,
+        distances,
+        workdir / "gallery.png",
+        workdir / "gallery.html",
+        class_names=getattr(database, "class_names", None),
+    )
+    return [workdir / "pr_curves.png", workdir / "gallery.png", workdir / "gallery.html"]
+
+
+def _thumbnail(image: np.ndarray, size: int = 96) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
+def write_extra_metrics(workdir: Path, evaluation: Evaluation) -> Path:
+    """Writes `retrieval_metrics.json`: radius-2 precision and PR curves per code length."""
+    path = Path(workdir) / "retrieval_metrics.json"
+    path.write_text(json.dumps(evaluation.extra, indent=2) + "\n")
+    return path
 
 
 def write_results(workdir: Path, results: dict) -> Path:

@@ -1,9 +1,13 @@
 """Command line: `python -m fdh_jax.main --config=configs/demo.py --workdir=/tmp/fdh-demo`.
 
-Modes: `train` (default: train, resuming from the workdir, then evaluate), `eval` (evaluate the
-latest checkpoint only). Any config field can be overridden: `--config.model.use_gnn=False`.
-Expected failures (an invalid config, a missing dataset, unreadable images) end with one line on
-stderr and exit status 2, before any compilation.
+Modes:
+  train   (default) train, resuming from the workdir, then evaluate
+  eval    evaluate the latest checkpoint only
+  encode  hash a split (`--split`) or an image folder (`--images`) into `--index`
+  search  rank `--index` for the image(s) at `--query`, print the top `--topk`
+Any config field can be overridden: `--config.model.use_gnn=False`. Expected failures (an
+invalid config, a missing dataset or checkpoint, unreadable images, a bad index file) end with
+one line on stderr and exit status 2, before any compilation.
 """
 
 import sys
@@ -14,33 +18,69 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (and evaluate) | eval only.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "encode", "search"], "What to do.")
+flags.DEFINE_enum("split", "train", ["train", "test"], "encode: the split to hash.")
+flags.DEFINE_string("images", None, "encode: a folder of images to hash instead of a split.")
+flags.DEFINE_string("index", None, "encode: where to write the index; search: the index to use.")
+flags.DEFINE_string("query", None, "search: an image file or a folder of images.")
+flags.DEFINE_integer("topk", 10, "search: how many results per query.")
+flags.DEFINE_integer("bits", None, "encode: code length (default: the longest in config.bits).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _run_mode() -> None:
+    from fdh_jax import indexing, train  # noqa: PLC0415 - keep --help fast
+
+    if FLAGS.mode == "train":
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "eval":
+        train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "encode":
+        if not FLAGS.index:
+            raise app.UsageError("--mode=encode needs --index=FILE")
+        indexing.encode_to_index(
+            FLAGS.config,
+            FLAGS.workdir,
+            FLAGS.index,
+            split=FLAGS.split,
+            images=FLAGS.images,
+            bits=FLAGS.bits,
+        )
+    else:
+        if not (FLAGS.index and FLAGS.query):
+            raise app.UsageError("--mode=search needs --index=FILE and --query=IMAGE_OR_FOLDER")
+        hits = indexing.search_index(
+            FLAGS.config, FLAGS.workdir, FLAGS.index, FLAGS.query, topk=FLAGS.topk
+        )
+        print(indexing.format_search(hits), flush=True)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    # Imported here so that `--help` and flag errors need no JAX start-up.
-    from fdh_jax.data.decode import BadImagesFoundError  # noqa: PLC0415
+    from fdh_jax.data.decode import BadImageError, BadImagesFoundError  # noqa: PLC0415
     from fdh_jax.data.sources import DatasetNotFoundError, SplitSizeMismatchError  # noqa: PLC0415
-    from fdh_jax.train import NoCheckpointError, evaluate_checkpoint, train_and_evaluate  # noqa
+    from fdh_jax.models.pretrained import PretrainedWeightsError  # noqa: PLC0415
+    from fdh_jax.retrieval import IndexFileError  # noqa: PLC0415
+    from fdh_jax.train import NoCheckpointError  # noqa: PLC0415
     from fdh_jax.validation import ConfigError  # noqa: PLC0415
 
     # Progress is printed by fdh_jax itself; library INFO logs (Orbax, grain) are noise here.
     logging.set_verbosity(logging.WARNING)
-    try:
-        if FLAGS.mode == "train":
-            train_and_evaluate(FLAGS.config, FLAGS.workdir)
-        else:
-            evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
-    except (
+    expected = (
         ConfigError,
         DatasetNotFoundError,
         SplitSizeMismatchError,
         BadImagesFoundError,
+        BadImageError,
         NoCheckpointError,
-    ) as error:
+        IndexFileError,
+        PretrainedWeightsError,
+        FileNotFoundError,
+    )
+    try:
+        _run_mode()
+    except expected as error:
         print(f"fdh_jax: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
 

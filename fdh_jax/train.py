@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax.training import train_state
@@ -24,7 +25,9 @@ from flax.training import train_state
 from fdh_jax import evaluate, parallel
 from fdh_jax.data import load_split
 from fdh_jax.data.pipeline import iterate, train_dataset
+from fdh_jax.data.transforms import eval_transform
 from fdh_jax.losses import total_loss
+from fdh_jax.models.backbones import get_backbone
 from fdh_jax.models.fdh import build_model
 from fdh_jax.validation import validate_config
 
@@ -91,9 +94,19 @@ def learning_rate(config: ml_collections.ConfigDict, total_steps: int, step: int
 
 # ---------------------------------------------------------------------------------- state
 def create_train_state(
-    config: ml_collections.ConfigDict, model, tx: optax.GradientTransformation, mesh
+    config: ml_collections.ConfigDict,
+    model,
+    tx: optax.GradientTransformation,
+    mesh,
+    calibration_images: np.ndarray | None = None,
 ) -> TrainState:
-    """Initialises the replicated train state from `config.seed` (jitted: created on device)."""
+    """Initialises the replicated train state from `config.seed` (jitted: created on device).
+
+    With `config.model.pretrained`, the backbone's variables are replaced by the weights file's.
+    A MobileNetV2 from TFLite has BatchNorm folded into its convs; when it is trained, its norms
+    get real statistics from `calibration_images` (`[N, S, S, 3]`, normalised) first, so that
+    fine-tuning starts from the pretrained function.
+    """
     size = config.data.image_size
 
     def init() -> TrainState:
@@ -109,16 +122,34 @@ def create_train_state(
 
     state = jax.jit(init, out_shardings=parallel.replicated(mesh))()
     if config.model.pretrained:
-        from fdh_jax.models.pretrained import graft_pretrained  # noqa: PLC0415 - optional deps
-
-        params, batch_stats = graft_pretrained(
-            config.model.backbone, config.model.pretrained, state.params, state.batch_stats
-        )
-        state = state.replace(
-            params=params, batch_stats=batch_stats, opt_state=jax.jit(tx.init)(params)
-        )
+        state = _with_pretrained_backbone(config, state, tx, calibration_images)
         state = jax.device_put(state, parallel.replicated(mesh))
     return state
+
+
+def _with_pretrained_backbone(config, state: TrainState, tx, calibration_images) -> TrainState:
+    from fdh_jax.models import pretrained  # noqa: PLC0415 - only runs that load weights need it
+
+    model = config.model
+    backbone = get_backbone(model.backbone, width=model.width)
+    size = config.data.image_size
+    template = jax.eval_shape(
+        partial(backbone.init, train=False), jax.random.key(0), jnp.zeros((1, size, size, 3))
+    )
+    weights = pretrained.load_pretrained(model.backbone, model.pretrained, template)
+    if model.backbone == "mobilenet_v2" and not model.freeze_backbone:
+        if calibration_images is None:
+            raise ValueError("a trainable TFLite MobileNetV2 needs calibration images")
+        weights = pretrained.calibrate_folded_batch_norm(backbone, weights, calibration_images)
+    variables = pretrained.graft_backbone(
+        {"params": state.params, "batch_stats": state.batch_stats}, weights
+    )
+    params = jax.tree.map(jnp.asarray, variables["params"])
+    return state.replace(
+        params=params,
+        batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]),
+        opt_state=tx.init(params),
+    )
 
 
 def train_step(state: TrainState, batch: dict, loss_config: ml_collections.ConfigDict):
@@ -215,7 +246,9 @@ class NoCheckpointError(FileNotFoundError):
     """`--mode=eval` on a workdir without a checkpoint."""
 
 
-class _Run(NamedTuple):
+class Run(NamedTuple):
+    """Everything a run needs, restored from its workdir."""
+
     mesh: jax.sharding.Mesh
     database: Any
     query: Any
@@ -226,41 +259,65 @@ class _Run(NamedTuple):
     progress: dict
 
 
-def _prepare(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
-    """Validates the config, opens the data, builds the model and restores the latest state."""
+def prepare_run(
+    config: ml_collections.ConfigDict, workdir: Path, *, check_images: bool = True
+) -> Run:
+    """Validates the config, opens the data, builds the model and restores the latest state.
+
+    `check_images=False` skips the scan for unreadable images (for encoding and search, which
+    report a bad image when they meet it).
+    """
     validate_config(config, jax.device_count())
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     mesh = parallel.make_mesh()
-    database = load_split(config, "train")
-    query = load_split(config, "test")
+    database = load_split(config, "train", check_images=check_images)
+    query = load_split(config, "test", check_images=check_images)
     total_steps = total_train_steps(config, len(database))
     model = build_model(config, database.num_classes)
-    state = create_train_state(config, model, make_optimizer(config, total_steps), mesh)
+    calibration = None
+    if config.model.pretrained:  # the first training images, in index order: deterministic
+        calibration = np.stack(
+            [
+                eval_transform(
+                    database[i]["image"], config.data.image_size, config.data.eval_resize
+                )
+                for i in range(min(32, len(database)))
+            ]
+        )
+    state = create_train_state(
+        config, model, make_optimizer(config, total_steps), mesh, calibration
+    )
     manager = checkpoint_manager(workdir, config)
     progress = {"data": None, "train_seconds": 0.0}
     latest = manager.latest_step()
     if latest is not None:
         state, progress = restore_checkpoint(manager, state, latest)
         report(f"Restored {workdir / 'checkpoints'} at step {latest}.")
-    return _Run(mesh, database, query, total_steps, model, state, manager, progress)
+    return Run(mesh, database, query, total_steps, model, state, manager, progress)
 
 
-def _evaluate_and_report(run: _Run, config, workdir: Path, train_seconds: float) -> dict:
+def _evaluate_and_report(run: Run, config, workdir: Path, train_seconds: float) -> dict:
     variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
-    results = evaluate.evaluate(run.model, variables, run.query, run.database, config, run.mesh)
-    results |= {"train_seconds": round(train_seconds, 3), "steps": int(run.state.step)}
+    evaluation = evaluate.evaluate(run.model, variables, run.query, run.database, config, run.mesh)
+    results = evaluation.results | {
+        "train_seconds": round(train_seconds, 3),
+        "steps": int(run.state.step),
+    }
     if jax.process_index() == 0:
         evaluate.write_results(workdir, results)
+        evaluate.write_extra_metrics(workdir, evaluation)
+        evaluate.write_figures(workdir, evaluation, run.query, run.database)
         print(evaluate.format_table(results), flush=True)
+        report(f"Wrote {workdir / 'results.json'}, pr_curves.png and gallery.html.")
     return results
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """`--mode=eval`: evaluates the latest checkpoint in `workdir` and writes results.json."""
     workdir = Path(workdir)
-    run = _prepare(config, workdir)
+    run = prepare_run(config, workdir)
     try:
         if run.manager.latest_step() is None:
             raise NoCheckpointError(f"no checkpoint in {workdir / 'checkpoints'}: train first")
@@ -276,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     """
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
-    run = _prepare(config, workdir)
+    run = prepare_run(config, workdir)
     mesh, total_steps, manager, state, progress = (
         run.mesh,
         run.total_steps,

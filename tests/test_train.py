@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import REPO, tiny_config
 
@@ -89,3 +90,52 @@ def test_sigkill_then_restart_matches_uninterrupted_run(finished_run, tmp_path):
     for line in (workdir / "metrics.jsonl").read_text().splitlines():
         entry = json.loads(line)
         assert entry["loss"] == pytest.approx(reference_losses[entry["step"]], rel=1e-6)
+
+
+def test_evaluation_writes_figures_and_extra_metrics(finished_run):
+    _, workdir, _ = finished_run
+    for name in ("pr_curves.png", "gallery.png", "gallery.html"):
+        assert (workdir / name).stat().st_size > 0
+    extra = json.loads((workdir / "retrieval_metrics.json").read_text())
+    assert set(extra["precision_radius_2"]) == {"8", "12"}
+    curve = extra["pr_curve"]["12"]
+    assert len(curve["precision"]) == len(curve["recall"]) == 13
+    assert curve["recall"][-1] == pytest.approx(1.0)  # radius K retrieves everything
+
+
+def test_encode_then_search_finds_each_image_itself(finished_run, tmp_path):
+    from PIL import Image
+
+    from fdh_jax.data import load_split
+    from fdh_jax.indexing import encode_to_index, search_index
+    from fdh_jax.retrieval import HashIndex
+
+    config, workdir, _ = finished_run
+    index_path = tmp_path / "query_index.npz"
+    index = encode_to_index(config, workdir, index_path, split="test", bits=12)
+    loaded = HashIndex.load(index_path)
+    assert loaded.bits == 12 and len(loaded) == 12
+    query = load_split(config, "test")
+    assert loaded.paths == query.paths
+
+    folder = tmp_path / "queries"
+    folder.mkdir()
+    for i in (0, 5, 11):
+        Image.fromarray(query[i]["image"]).save(folder / f"q{i:02d}.png")
+    hits = search_index(config, workdir, index_path, str(folder), topk=12)
+    for entry, i in zip(hits, (0, 5, 11), strict=True):
+        own = [hit for hit in entry["results"] if hit["path"] == query.paths[i]]
+        assert own and own[0]["distance"] == 0  # the PNG round trip is lossless
+        assert entry["results"][0]["distance"] == 0
+        np.testing.assert_array_equal(index.codes, loaded.codes)
+
+
+def test_search_refuses_wrong_code_length(finished_run, tmp_path):
+    from fdh_jax.indexing import search_index
+    from fdh_jax.retrieval import HashIndex
+
+    config, workdir, _ = finished_run
+    path = tmp_path / "other.npz"
+    HashIndex(codes=np.ones((2, 16), np.int8), labels=[0, 1], paths=["a", "b"]).save(path)
+    with pytest.raises(ValueError, match="16-bit codes"):
+        search_index(config, workdir, path, str(tmp_path))
