@@ -12,26 +12,18 @@ random-resized crop 224 + flip for training, resize 256 + centre crop 224 for ev
 database = the official train split, query = the official test split.
 """
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 
+from fdh_jax.config_files import load_config
+
 DEFAULT_ROOT = "~/data/CUB_200_2011"  # `~` is expanded when the source opens it
-
-
-def _default_config() -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(
-        "fdh_default", Path(__file__).with_name("default.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The default config with this dataset and the paper protocol; `arg` = dataset root."""
-    config = _default_config()
+    config = load_config(Path(__file__).with_name("default.py"))
     config.data.name = "cub"
     config.data.root = arg or DEFAULT_ROOT
     config.data.image_size = 224

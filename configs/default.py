@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- model
     config.model = model = ml_collections.ConfigDict()
-    model.backbone = "resnet50"  # resnet18|resnet34|resnet50|resnet101|resnet_narrow
+    model.backbone = "resnet50"  # resnet18|resnet34|resnet50|resnet101|mobilenet_v2|resnet_narrow
     model.width = 64  # stem width of the ResNet (64 for the standard ones)
     model.pretrained = ""  # path to backbone weights (.safetensors / .tflite); "" = random init
     model.freeze_backbone = False  # train only suppression, MFE and heads
@@ -73,6 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     train.batch_size = 64  # global batch, = classes_per_batch * images_per_class
     train.classes_per_batch = 16  # P of the class-balanced P x Q sampler
     train.images_per_class = 4  # Q of the sampler
+    train.grad_accum_steps = 1  # A: one update per A micro-batches of batch_size / A (same lr)
     train.num_epochs = 90.0  # length in epochs of the database split (used when num_steps=0)
     train.num_steps = 0  # if > 0, overrides num_epochs
     train.optimizer = "sgd"  # sgd (with momentum) | adamw

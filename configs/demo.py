@@ -3,24 +3,16 @@
 `python -m fdh_jax.main --config=configs/demo.py --workdir=/tmp/fdh-demo`
 """
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 
-
-def _default_config() -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(
-        "fdh_default", Path(__file__).with_name("default.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from fdh_jax.config_files import load_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
-    config = _default_config()
+    config = load_config(Path(__file__).with_name("default.py"))
     config.data.name = "synthetic"
     config.data.synthetic.num_classes = 16
     config.data.synthetic.train_per_class = 48
