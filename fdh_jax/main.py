@@ -8,6 +8,11 @@ Modes:
 Any config field can be overridden: `--config.model.use_gnn=False`. Expected failures (an
 invalid config, a missing dataset or checkpoint, unreadable images, a bad index file) end with
 one line on stderr and exit status 2, before any compilation.
+
+Several processes (hosts) join with `jax.distributed.initialize`: automatically on Cloud TPU
+and SLURM, else from `--coordinator_address/--num_processes/--process_id` or `JAX_*` variables
+(see launch/). A preemption notice (SIGTERM) saves a checkpoint at the current step and exits
+with status 143; the same command resumes.
 """
 
 import sys
@@ -25,6 +30,15 @@ flags.DEFINE_string("index", None, "encode: where to write the index; search: th
 flags.DEFINE_string("query", None, "search: an image file or a folder of images.")
 flags.DEFINE_integer("topk", 10, "search: how many results per query.")
 flags.DEFINE_integer("bits", None, "encode: code length (default: the longest in config.bits).")
+flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "Multi-process: host:port of process 0 (else JAX_COORDINATOR_ADDRESS).",
+)
+flags.DEFINE_integer(
+    "num_processes", None, "Multi-process: process count (else JAX_NUM_PROCESSES)."
+)
+flags.DEFINE_integer("process_id", None, "Multi-process: this process's id (else JAX_PROCESS_ID).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -55,14 +69,23 @@ def _run_mode() -> None:
         print(indexing.format_search(hits), flush=True)
 
 
+PREEMPTED_EXIT_STATUS = 143  # 128 + SIGTERM: not finished, so schedulers and loops rerun it
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from fdh_jax import parallel  # noqa: PLC0415
+
+    # Before anything touches a device: the processes must join first.
+    parallel.initialize_distributed(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
     from fdh_jax.data.decode import BadImageError, BadImagesFoundError  # noqa: PLC0415
     from fdh_jax.data.sources import DatasetNotFoundError, SplitSizeMismatchError  # noqa: PLC0415
     from fdh_jax.models.pretrained import PretrainedWeightsError  # noqa: PLC0415
     from fdh_jax.retrieval import IndexFileError  # noqa: PLC0415
-    from fdh_jax.train import NoCheckpointError  # noqa: PLC0415
+    from fdh_jax.train import NoCheckpointError, Preempted  # noqa: PLC0415
     from fdh_jax.validation import ConfigError  # noqa: PLC0415
 
     # Progress is printed by fdh_jax itself; library INFO logs (Orbax, grain) are noise here.
@@ -77,12 +100,16 @@ def main(argv):
         IndexFileError,
         PretrainedWeightsError,
         FileNotFoundError,
+        FloatingPointError,  # a non-finite loss or gradient norm, with the step
     )
     try:
         _run_mode()
     except expected as error:
         print(f"fdh_jax: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Preempted as notice:
+        print(f"fdh_jax: {notice}", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT_STATUS)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,50 @@ one CPU, eight GPUs or a TPU pod slice; across hosts each process supplies its l
 batch and `jax.make_array_from_process_local_data` assembles the global array.
 """
 
+import os
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+
+def _on_cloud_tpu() -> bool:
+    try:  # the check `jax.distributed.initialize` itself uses for Cloud TPU VMs
+        from jax._src.cloud_tpu_init import running_in_cloud_tpu_vm  # noqa: PLC0415
+    except ImportError:
+        return False
+    return bool(running_in_cloud_tpu_vm)
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """Joins this process to a multi-process run; returns False (and does nothing) for one process.
+
+    Must run before anything touches a JAX device. In order of precedence:
+    - explicit arguments (`--coordinator_address`, `--num_processes`, `--process_id`), each
+      falling back to `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`;
+    - SLURM with more than one task, or a Cloud TPU VM: JAX's own cluster detection;
+    - otherwise a single process: nothing to initialise.
+    """
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
+        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+    if process_id is None and "JAX_PROCESS_ID" in os.environ:
+        process_id = int(os.environ["JAX_PROCESS_ID"])
+    if coordinator_address or num_processes is not None or process_id is not None:
+        if num_processes == 1:
+            return False
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        return True
+    slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1")) if "SLURM_JOB_ID" in os.environ else 1
+    if slurm_tasks > 1 or _on_cloud_tpu():
+        jax.distributed.initialize()
+        return True
+    return False
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
@@ -27,6 +66,12 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     """Leading (batch) axis split over `data`."""
     return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def micro_batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """`[A, B / A, ...]` micro-batches: each micro-batch split over `data`, so every device works
+    on every micro-step."""
+    return NamedSharding(mesh, PartitionSpec(None, "data"))
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict:

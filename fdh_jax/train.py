@@ -9,6 +9,8 @@ killed and restarted from its workdir ends exactly where an uninterrupted run wo
 
 import json
 import math
+import signal
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -152,20 +154,72 @@ def _with_pretrained_backbone(config, state: TrainState, tx, calibration_images)
     )
 
 
-def train_step(state: TrainState, batch: dict, loss_config: ml_collections.ConfigDict):
-    """One update on a global batch; returns `(new_state, measurements)`."""
+def _gradients(state: TrainState, batch_stats, batch: dict, loss_config):
+    """Loss, its parts, updated BatchNorm statistics and parameter gradients on one batch."""
 
     def loss_fn(params):
         outputs, mutated = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats},
+            {"params": params, "batch_stats": batch_stats},
             batch["image"],
             train=True,
             mutable=["batch_stats"],
+        )
+        # bfloat16 compute stops at the model's outputs: losses (logsumexp, norms) in float32.
+        outputs = jax.tree.map(
+            lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+            outputs,
         )
         loss, parts = total_loss(outputs, batch["label"], loss_config)
         return loss, (parts, mutated["batch_stats"])
 
     (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return loss, parts, batch_stats, grads
+
+
+def train_step(
+    state: TrainState,
+    batch: dict,
+    loss_config: ml_collections.ConfigDict,
+    grad_accum_steps: int = 1,
+    micro_batch_sharding: jax.sharding.NamedSharding | None = None,
+):
+    """One update on a global batch; returns `(new_state, measurements)`.
+
+    `batch`: `{"image": [B, S, S, 3], "label": [B]}`. With `grad_accum_steps = A > 1` the batch
+    is split into `A` contiguous micro-batches of `B / A` (whole classes: the sampler groups a
+    batch by class), and the update uses the mean of their gradients. Each micro-batch is
+    normalised by its own BatchNorm statistics and the running averages are updated once per
+    micro-batch, in order; losses that mix examples (batch-hard triplet, bit balance) see one
+    micro-batch. `micro_batch_sharding` (`parallel.micro_batch_sharding`) spreads every
+    micro-batch over all devices, so micro-batches do not depend on the device count.
+    """
+    if grad_accum_steps == 1:
+        loss, parts, batch_stats, grads = _gradients(state, state.batch_stats, batch, loss_config)
+    else:
+        micro = {
+            k: v.reshape(grad_accum_steps, v.shape[0] // grad_accum_steps, *v.shape[1:])
+            for k, v in batch.items()
+        }
+        if micro_batch_sharding is not None:
+            micro = {
+                k: jax.lax.with_sharding_constraint(v, micro_batch_sharding)
+                for k, v in micro.items()
+            }
+
+        def accumulate(carry, micro_batch):
+            grad_sum, batch_stats = carry
+            loss, parts, batch_stats, grads = _gradients(
+                state, batch_stats, micro_batch, loss_config
+            )
+            return (jax.tree.map(jnp.add, grad_sum, grads), batch_stats), (loss, parts)
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grad_sum, batch_stats), (losses, parts) = jax.lax.scan(
+            accumulate, (zeros, state.batch_stats), micro
+        )
+        grads = jax.tree.map(lambda g: g / grad_accum_steps, grad_sum)
+        loss, parts = jnp.mean(losses), jax.tree.map(jnp.mean, parts)
+
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     measurements = {
         "loss": loss,
@@ -244,6 +298,49 @@ def total_train_steps(config: ml_collections.ConfigDict, num_database: int) -> i
 
 class NoCheckpointError(FileNotFoundError):
     """`--mode=eval` on a workdir without a checkpoint."""
+
+
+class Preempted(Exception):  # noqa: N818 - it is an outcome, not a fault
+    """Training stopped on a preemption notice after saving the checkpoint of `step`."""
+
+    def __init__(self, step: int, directory: Path):
+        super().__init__(
+            f"preempted: saved the checkpoint of step {step} in {directory}; "
+            "run the same command again to resume"
+        )
+        self.step = step
+
+
+class PreemptionNotice:
+    """Context manager: `reached(manager, step)` says when to save and stop.
+
+    One process: a SIGTERM handler sets a flag, read after each step. Several processes: the
+    processes must stop at the same step, so the notice comes from JAX's preemption service
+    (its own SIGTERM notifier, or the TPU maintenance event), which agrees on a step across
+    hosts: `manager.reached_preemption(step)`. A Python handler would replace that notifier.
+    """
+
+    def __enter__(self) -> "PreemptionNotice":
+        self.signalled = False
+        self._previous = None
+        self._installed = (
+            jax.process_count() == 1 and threading.current_thread() is threading.main_thread()
+        )
+        if self._installed:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        del signum, frame
+        self.signalled = True
+
+    def __exit__(self, *exc_info) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+
+    def reached(self, manager: ocp.CheckpointManager, step: int) -> bool:
+        # Called at every step on every process: the multi-host sync point requires it.
+        return manager.reached_preemption(step) or self.signalled
 
 
 class Run(NamedTuple):
@@ -329,7 +426,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path) 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Trains FDH-MFE (resuming from `workdir`), evaluates, writes `workdir/results.json`.
 
-    Returns the results dict (DESIGN section 3).
+    Returns the results dict (DESIGN section 3). On a preemption notice (SIGTERM) it saves the
+    checkpoint of the current step and raises `Preempted`; the next start resumes from it.
     """
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
@@ -352,7 +450,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     # ---- loop
     step_fn = jax.jit(
-        partial(train_step, loss_config=config.loss),
+        partial(
+            train_step,
+            loss_config=config.loss,
+            grad_accum_steps=config.train.grad_accum_steps,
+            micro_batch_sharding=parallel.micro_batch_sharding(mesh),
+        ),
         in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
         out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
         donate_argnums=0,
@@ -369,31 +472,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         window_start, window_steps = time.perf_counter(), 0
         segment_start = time.perf_counter()
         try:
-            for step in range(start_step + 1, total_steps + 1):
-                batch = parallel.global_batch(next(iterator), mesh)
-                state, measurements = step_fn(state, batch)
-                window_steps += 1
-                if step % config.train.log_every == 0 or step == total_steps:
-                    metrics = {k: float(v) for k, v in jax.device_get(measurements).items()}
-                    if not all(math.isfinite(v) for v in metrics.values()):
-                        bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
-                        raise FloatingPointError(f"non-finite {', '.join(bad)} at step {step}")
-                    now = time.perf_counter()
-                    rate = window_steps * config.train.batch_size / (now - window_start)
-                    window_start, window_steps = now, 0
-                    metrics |= {
-                        "lr": learning_rate(config, total_steps, step),
-                        "batch_size": config.train.batch_size,
-                    }
-                    _log_step(step, total_steps, metrics, rate, writer)
-                if step % config.train.checkpoint_every == 0 or step == total_steps:
-                    elapsed = train_seconds + time.perf_counter() - segment_start
-                    save_checkpoint(
-                        manager,
-                        step,
-                        state,
-                        {"data": iterator.get_state(), "train_seconds": elapsed},
-                    )
+            with PreemptionNotice() as notice:
+                for step in range(start_step + 1, total_steps + 1):
+                    batch = parallel.global_batch(next(iterator), mesh)
+                    state, measurements = step_fn(state, batch)
+                    window_steps += 1
+                    if step % config.train.log_every == 0 or step == total_steps:
+                        metrics = {k: float(v) for k, v in jax.device_get(measurements).items()}
+                        if not all(math.isfinite(v) for v in metrics.values()):
+                            bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+                            raise FloatingPointError(f"non-finite {', '.join(bad)} at step {step}")
+                        now = time.perf_counter()
+                        rate = window_steps * config.train.batch_size / (now - window_start)
+                        window_start, window_steps = now, 0
+                        metrics |= {
+                            "lr": learning_rate(config, total_steps, step),
+                            "batch_size": config.train.batch_size,
+                        }
+                        _log_step(step, total_steps, metrics, rate, writer)
+                    preempted = notice.reached(manager, step)
+                    if (
+                        step % config.train.checkpoint_every == 0
+                        or step == total_steps
+                        or preempted
+                    ):
+                        elapsed = train_seconds + time.perf_counter() - segment_start
+                        save_checkpoint(
+                            manager,
+                            step,
+                            state,
+                            {"data": iterator.get_state(), "train_seconds": elapsed},
+                        )
+                    if preempted and step < total_steps:
+                        manager.wait_until_finished()
+                        manager.close()
+                        raise Preempted(step, workdir / "checkpoints")
         finally:
             manager.wait_until_finished()
             if writer is not None:

@@ -117,6 +117,24 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         "train.batch_size",
         f"{train.batch_size} is not divisible by the {num_devices} devices",
     )
+    accum = train.grad_accum_steps
+    _check(
+        isinstance(accum, int) and accum >= 1,
+        "train.grad_accum_steps",
+        f"must be a positive integer, got {accum!r}",
+    )
+    _check(
+        train.batch_size % (accum * num_devices) == 0,
+        "train.batch_size",
+        f"{train.batch_size} is not divisible by train.grad_accum_steps x devices "
+        f"= {accum} x {num_devices}",
+    )
+    _check(
+        train.classes_per_batch % accum == 0,
+        "train.grad_accum_steps",
+        f"must divide train.classes_per_batch ({train.classes_per_batch}) so that each "
+        f"micro-batch holds whole classes, got {accum}",
+    )
     _check(
         train.classes_per_batch * train.images_per_class == train.batch_size,
         "train.classes_per_batch",
