@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from functools import partial
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax import lax
 
 # TF/Keras MobileNetV2 BatchNorm epsilon. The running-average decay is the project's fine-tuning
 # choice (as the ResNets: Flax 0.9 == PyTorch momentum 0.1), not Keras' 0.999.
@@ -108,6 +110,72 @@ def _conv(features: int, kernel: int, stride: int, groups: int, name: str, dtype
     )
 
 
+def _same_padding(size: int, stride: int, kernel: int) -> tuple[int, int, int]:
+    """TensorFlow 'SAME' (as JAX's): `(pad_before, pad_after, output_size)` of one axis."""
+    output = -(-size // stride)
+    total = max((output - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2, output
+
+
+def depthwise_conv_shifted(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
+    """Depthwise conv, 'SAME' padding, as a sum of `kh * kw` shifted, scaled copies of `x`.
+
+    `x: [B, H, W, C]`, `kernel: [kh, kw, 1, C]` (the layout of `nn.Conv` with
+    `feature_group_count=C`) -> `[B, ceil(H / stride), ceil(W / stride), C]`. The same function
+    as `lax.conv_general_dilated(..., feature_group_count=C)`; on XLA:CPU the grouped conv is
+    2-6x slower forward and 8-13x slower backward than these fused elementwise ops (measured at
+    MobileNetV2 shapes, batch 64), so the CPU uses this form.
+    """
+    kh, kw = kernel.shape[:2]
+    top, bottom, out_h = _same_padding(x.shape[1], stride, kh)
+    left, right, out_w = _same_padding(x.shape[2], stride, kw)
+    padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    total = None
+    for i in range(kh):
+        for j in range(kw):
+            window = padded[
+                :,
+                i : i + (out_h - 1) * stride + 1 : stride,
+                j : j + (out_w - 1) * stride + 1 : stride,
+            ]
+            term = window * kernel[i, j, 0]
+            total = term if total is None else total + term
+    return total
+
+
+class DepthwiseConv(nn.Module):
+    """3x3 depthwise conv with the parameters of `nn.Conv(feature_group_count=C)`.
+
+    Same variable (`kernel: [3, 3, 1, C]`), initialiser and 'SAME' padding as the grouped conv,
+    so weights and checkpoints are interchangeable. On CPU it computes with
+    `depthwise_conv_shifted` (much faster there); elsewhere with XLA's grouped convolution.
+    """
+
+    features: int
+    stride: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        kernel = self.param(
+            "kernel",
+            nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+            (3, 3, 1, self.features),
+            jnp.float32,
+        )
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if jax.default_backend() == "cpu":
+            return depthwise_conv_shifted(x, kernel, self.stride)
+        return lax.conv_general_dilated(
+            x,
+            kernel,
+            (self.stride, self.stride),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=self.features,
+        )
+
+
 class InvertedResidual(nn.Module):
     """1x1 expand (ReLU6) -> 3x3 depthwise (ReLU6, strided) -> 1x1 linear project [+ input]."""
 
@@ -124,9 +192,7 @@ class InvertedResidual(nn.Module):
         if self.expanded_features != self.in_features:
             out = _conv(self.expanded_features, 1, 1, 1, "expand", self.dtype)(out)
             out = nn.relu6(norm(name="expand_bn")(out))
-        out = _conv(
-            self.expanded_features, 3, self.stride, self.expanded_features, "depthwise", self.dtype
-        )(out)
+        out = DepthwiseConv(self.expanded_features, self.stride, self.dtype, name="depthwise")(out)
         out = nn.relu6(norm(name="depthwise_bn")(out))
         out = _conv(self.out_features, 1, 1, 1, "project", self.dtype)(out)
         out = norm(name="project_bn")(out)
