@@ -54,6 +54,8 @@ class FDHMFE(nn.Module):
         backbone = get_backbone(self.backbone, width=self.width, dtype=self.dtype)
         backbone_train = train and not self.freeze_backbone
         stage_maps = backbone.clone(parent=self, name="backbone")(images, backbone_train)
+        if self.freeze_backbone:  # no backward pass through a backbone that is not updated
+            stage_maps = jax.tree.map(jax.lax.stop_gradient, stage_maps)
         stage_maps = {name: stage_maps[name] for name in self.stages} | {"C5": stage_maps["C5"]}
         outputs = {}
         mask = None
