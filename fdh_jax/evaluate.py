@@ -5,6 +5,7 @@ Protocol (DESIGN 1.3): database = train split, query = test split, mAP over the 
 unless `config.eval.tie_break` says otherwise.
 """
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -46,10 +47,13 @@ def encode(model, variables: dict, images: jax.Array) -> dict[str, jax.Array]:
     return {k: binarize(h) for k, h in outputs["hash"].items()}
 
 
-def _padded_order(num_items: int, global_batch: int) -> np.ndarray:
-    """Dataset indices padded (with index 0) to a multiple of the global batch."""
-    padding = (-num_items) % global_batch
-    return np.concatenate([np.arange(num_items), np.zeros(padding, np.int64)])
+@functools.lru_cache(maxsize=4)
+def _encoder(model, mesh):
+    """`encode` jitted over `mesh`; cached so both splits of an evaluation share one compile."""
+    return jax.jit(
+        functools.partial(encode, model),
+        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+    )
 
 
 def encode_source(
@@ -57,25 +61,42 @@ def encode_source(
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Codes of every item of `source`, in dataset order, on every process.
 
-    Each process encodes its slots of each global batch; the codes are gathered so every item
-    appears exactly once. Returns `({"K": int8 [N, K]}, labels int32 [N])`.
+    The items, padded to whole global batches, are dealt out like training slots: process `p`
+    encodes slots `[p * b, (p + 1) * b)` of each global batch (`b = eval.batch_size / processes`).
+    Each slot's dataset position travels with its image through the same sharding and gather, so
+    the codes are put back in dataset order whatever the device order of the mesh, and every item
+    is checked to appear exactly once. Returns `({"K": int8 [N, K]}, labels int32 [N])`.
     """
-    global_batch = config.eval.batch_size
+    num_items, global_batch = len(source), config.eval.batch_size
     local_batch = global_batch // jax.process_count()
-    order = _padded_order(len(source), global_batch).reshape(-1, global_batch)
-    mine = order[:, jax.process_index() * local_batch : (jax.process_index() + 1) * local_batch]
-    encode_fn = jax.jit(
-        lambda v, x: encode(model, v, x),
-        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-    )
+    slots = np.arange(num_items + (-num_items) % global_batch).reshape(-1, global_batch)
+    first = jax.process_index() * local_batch
+    mine = slots[:, first : first + local_batch].reshape(-1).astype(np.int32)
+    encode_fn = _encoder(model, mesh)
     chunks: dict[str, list[np.ndarray]] = {}
-    for batch in eval_dataset(source, config, mine.reshape(-1)):
-        images = parallel.global_batch({"image": batch["image"]}, mesh)["image"]
-        for k, codes in encode_fn(variables, images).items():
-            chunks.setdefault(k, []).append(
-                np.asarray(multihost_utils.process_allgather(codes, tiled=True))
+    positions, done = [], 0
+    # Padding slots (position >= N) re-encode item 0 and are dropped below.
+    for element in eval_dataset(source, config, np.where(mine < num_items, mine, 0)):
+        # `eval_dataset` batches by the global batch size; this process's share of one global
+        # batch is `local_batch` of those.
+        for images in np.split(element["image"], len(element["image"]) // local_batch):
+            batch = parallel.global_batch(
+                {"image": images, "position": mine[done : done + local_batch]}, mesh
             )
-    codes = {k: np.concatenate(v)[: len(source)] for k, v in chunks.items()}
+            done += local_batch
+            positions.append(
+                np.asarray(multihost_utils.process_allgather(batch["position"], tiled=True))
+            )
+            for k, codes in encode_fn(variables, batch["image"]).items():
+                chunks.setdefault(k, []).append(
+                    np.asarray(multihost_utils.process_allgather(codes, tiled=True))
+                )
+    position = np.concatenate(positions)
+    real = position < num_items
+    if not np.array_equal(np.sort(position[real]), np.arange(num_items)):
+        raise RuntimeError("encoding lost or repeated items: the global batches are misassembled")
+    order = np.argsort(position[real])
+    codes = {k: np.concatenate(v)[real][order] for k, v in chunks.items()}
     return codes, np.asarray(source.labels, np.int32)
 
 

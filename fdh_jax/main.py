@@ -75,6 +75,14 @@ PREEMPTED_EXIT_STATUS = 143  # 128 + SIGTERM: not finished, so schedulers and lo
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if "://" in FLAGS.workdir:  # pathlib would silently turn gs://b/x into the local gs:/b/x
+        print(
+            f"fdh_jax: error: --workdir={FLAGS.workdir}: URLs are not supported; mount the bucket "
+            "(e.g. gcsfuse, as launch/tpu_pod.sh does) and pass the mount path",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(2)
     from fdh_jax import parallel  # noqa: PLC0415
 
     # Before anything touches a device: the processes must join first.

@@ -155,7 +155,11 @@ def _with_pretrained_backbone(config, state: TrainState, tx, calibration_images)
 
 
 def _gradients(state: TrainState, batch_stats, batch: dict, loss_config):
-    """Loss, its parts, updated BatchNorm statistics and parameter gradients on one batch."""
+    """Loss, its parts, updated BatchNorm statistics and parameter gradients on one batch.
+
+    With `model.dtype="bfloat16"` the model computes in bfloat16 but returns float32 outputs, so
+    the losses and gradients here are float32 (parameters are float32 throughout).
+    """
 
     def loss_fn(params):
         outputs, mutated = state.apply_fn(
@@ -163,11 +167,6 @@ def _gradients(state: TrainState, batch_stats, batch: dict, loss_config):
             batch["image"],
             train=True,
             mutable=["batch_stats"],
-        )
-        # bfloat16 compute stops at the model's outputs: losses (logsumexp, norms) in float32.
-        outputs = jax.tree.map(
-            lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-            outputs,
         )
         loss, parts = total_loss(outputs, batch["label"], loss_config)
         return loss, (parts, mutated["batch_stats"])

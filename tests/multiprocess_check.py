@@ -1,0 +1,67 @@
+"""One process of a 2-process x 2-device run on 127.0.0.1; started by tests/test_multiprocess.py
+through `launch/local_multiprocess.sh 2 -- python tests/multiprocess_check.py PHASE WORKDIR`.
+
+`PHASE=preempt`: train; process 0 sends itself SIGTERM as it fetches the batch of step 3, JAX's
+preemption service agrees on a step across both processes, both save it and exit 143.
+`PHASE=resume`: restore that checkpoint, finish training and evaluate; process 0 writes the
+evaluation's codes of both splits to `WORKDIR/codes.npz`. Not a test module itself.
+"""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import tiny_config  # noqa: E402
+
+from fdh_jax import parallel  # noqa: E402
+
+NUM_STEPS, SIGNAL_AT = 6, 3
+
+
+def main(phase: str, workdir: Path) -> int:
+    assert parallel.initialize_distributed(), "expected JAX_* variables from the launcher"
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from fdh_jax import evaluate, train  # noqa: PLC0415
+
+    assert jax.process_count() == 2 and jax.device_count() == 4, jax.devices()
+    config = tiny_config(NUM_STEPS)
+    if phase == "preempt":
+        fetch, calls = parallel.global_batch, [0]
+
+        def fetch_then_signal(batch, mesh):
+            calls[0] += 1
+            if calls[0] == SIGNAL_AT and jax.process_index() == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return fetch(batch, mesh)
+
+        parallel.global_batch = fetch_then_signal
+        try:
+            train.train_and_evaluate(config, workdir)
+        except train.Preempted as notice:
+            print(f"process {jax.process_index()}: {notice}", flush=True)
+            return 143
+        return 1  # the notice was lost
+    evaluations = []
+    evaluate_fn = evaluate.evaluate
+
+    def keep_evaluation(*args, **kwargs):
+        evaluations.append(evaluate_fn(*args, **kwargs))
+        return evaluations[-1]
+
+    evaluate.evaluate = keep_evaluation
+    train.train_and_evaluate(config, workdir)
+    (evaluation,) = evaluations
+    if jax.process_index() == 0:
+        codes = {f"query_{k}": v for k, v in evaluation.query_codes.items()}
+        codes |= {f"database_{k}": v for k, v in evaluation.db_codes.items()}
+        np.savez(workdir / "codes.npz", **codes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], Path(sys.argv[2])))

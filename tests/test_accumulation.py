@@ -1,0 +1,96 @@
+"""Gradient accumulation (4 fake CPU devices), bfloat16 compute, and their config checks."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO, tiny_config
+
+from fdh_jax import parallel
+from fdh_jax.data import load_split
+from fdh_jax.data.pipeline import iterate, train_dataset
+from fdh_jax.models.fdh import build_model
+from fdh_jax.train import create_train_state, make_optimizer, train_step
+from fdh_jax.validation import ConfigError, validate_config
+
+
+def test_accumulation_on_four_devices_matches_references():
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "accumulation_check.py")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    accumulated, tiled = report["accumulated"], report["tiled"]
+    # The accumulated step is one update with the mean micro-batch gradient, micro-batch BN.
+    assert accumulated["loss"] == pytest.approx(accumulated["expected_loss"], rel=1e-5)
+    assert accumulated["param_excess"] <= 0.0
+    assert accumulated["batch_stats_excess"] <= 0.0
+    assert accumulated["param_change"] > 1e-4  # the update did move the parameters
+    # Where micro-batches and the whole batch must agree, they do.
+    assert tiled["loss"] == pytest.approx(tiled["whole_loss"], rel=1e-5)
+    assert tiled["grad_norm"] == pytest.approx(tiled["whole_grad_norm"], rel=1e-4)
+    assert tiled["param_excess"] <= 0.0
+
+
+def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state():
+    config = tiny_config(1)
+    config.model.dtype = "bfloat16"
+    source = load_split(config, "train")
+    model = build_model(config, source.num_classes)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    state = create_train_state(config, model, make_optimizer(config, 1), mesh)
+    batch = parallel.global_batch(next(iterate(train_dataset(source, config, 1))), mesh)
+    outputs, captured = model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats},
+        batch["image"],
+        train=False,
+        capture_intermediates=True,
+        mutable=["intermediates"],
+    )
+    stage_maps = captured["intermediates"]["backbone"]["__call__"][0]
+    assert stage_maps and all(x.dtype == jnp.bfloat16 for x in stage_maps.values())
+    # The losses see float32: the model casts its outputs back.
+    assert all(h.dtype == jnp.float32 for h in outputs["hash"].values())
+
+    new_state, measurements = jax.jit(
+        lambda s, b: train_step(s, b, config.loss, grad_accum_steps=2)
+    )(state, batch)
+    for tree in (new_state.params, new_state.opt_state, new_state.batch_stats):
+        floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+        assert floats and all(x.dtype == jnp.float32 for x in floats)
+    assert all(v.dtype == jnp.float32 for v in measurements.values())
+    assert np.isfinite(float(measurements["loss"]))
+
+
+@pytest.mark.parametrize(
+    ("accum", "devices", "field"),
+    [
+        (0, 1, "config.train.grad_accum_steps"),
+        (4, 4, "config.train.batch_size"),  # 8 images are not 4 micro-batches x 4 devices
+        (8, 1, "config.train.grad_accum_steps"),  # 4 classes cannot be split 8 ways
+    ],
+)
+def test_validation_rejects_impossible_accumulation(accum, devices, field):
+    config = tiny_config()
+    config.train.grad_accum_steps = accum
+    with pytest.raises(ConfigError, match=f"^{field}:"):
+        validate_config(config, devices)
+
+
+def test_validation_accepts_whole_class_micro_batches():
+    config = tiny_config()
+    config.train.grad_accum_steps = 2
+    validate_config(config, 2)

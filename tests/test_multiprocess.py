@@ -1,0 +1,95 @@
+"""2 processes x 2 CPU devices on 127.0.0.1 (gloo): train, preempt (SIGTERM to one process),
+restore, finish; the losses equal a 1-process run's with the same global batches and seed, and
+the evaluation codes equal a 1-process evaluation of the same checkpoint, item for item."""
+
+import json
+import os
+import subprocess
+from functools import partial
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, tiny_config
+from multiprocess_check import NUM_STEPS, SIGNAL_AT
+
+from fdh_jax import evaluate, parallel
+from fdh_jax.data import load_split
+from fdh_jax.data.pipeline import iterate, train_dataset
+from fdh_jax.models.fdh import build_model
+from fdh_jax.train import create_train_state, make_optimizer, prepare_run, train_step
+
+
+def _launch(phase, workdir):
+    command = [
+        str(REPO / "launch" / "local_multiprocess.sh"),
+        "2",
+        "--",
+        "python",
+        str(REPO / "tests" / "multiprocess_check.py"),
+        phase,
+        str(workdir),
+    ]
+    env = dict(os.environ, DEVICES_PER_PROCESS="2")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _losses(workdir):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [(json.loads(line)["step"], json.loads(line)["loss"]) for line in lines]
+
+
+def _one_process_losses():
+    """The losses of the same run in this process, on one device."""
+    config = tiny_config(NUM_STEPS)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    source = load_split(config, "train")
+    model = build_model(config, source.num_classes)
+    state = create_train_state(config, model, make_optimizer(config, NUM_STEPS), mesh)
+    step_fn = jax.jit(partial(train_step, loss_config=config.loss))
+    losses = []
+    for batch in iterate(train_dataset(source, config, NUM_STEPS)):
+        state, measurements = step_fn(state, parallel.global_batch(batch, mesh))
+        losses.append(float(measurements["loss"]))
+    return losses
+
+
+def test_two_processes_preempt_resume_and_match_one_process(tmp_path):
+    workdir = tmp_path / "two_processes"
+    preempted = _launch("preempt", workdir)
+    assert preempted.returncode == 143, preempted.stderr[-3000:]
+    # Both processes stopped at the same agreed step, at or after the signal, before the end.
+    stops = {
+        line.split("step ")[1].split(" ")[0]
+        for line in preempted.stdout.splitlines()
+        if "preempted: saved the checkpoint of step" in line
+    }
+    assert len(stops) == 1 and preempted.stdout.count("preempted:") == 2, preempted.stdout
+    stop = int(stops.pop())
+    assert SIGNAL_AT <= stop < NUM_STEPS
+
+    resumed = _launch("resume", workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Restored {workdir / 'checkpoints'} at step {stop}." in resumed.stdout
+
+    config = tiny_config(NUM_STEPS)
+    losses = _losses(workdir)
+    assert [step for step, _ in losses] == list(range(1, NUM_STEPS + 1))
+    np.testing.assert_allclose([loss for _, loss in losses], _one_process_losses(), rtol=2e-5)
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["steps"] == NUM_STEPS
+
+    # One process, one device, the final checkpoint of the 2-process run: the same codes.
+    run = prepare_run(config, workdir)
+    variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
+    expected = evaluate.evaluate(run.model, variables, run.query, run.database, config, run.mesh)
+    run.manager.close()
+    codes = np.load(workdir / "codes.npz")
+    for name, split_codes in (("query", expected.query_codes), ("database", expected.db_codes)):
+        for k, value in split_codes.items():
+            size = len(run.query) if name == "query" else len(run.database)
+            assert codes[f"{name}_{k}"].shape == value.shape == (size, int(k))
+            np.testing.assert_array_equal(codes[f"{name}_{k}"], value)
+    for k, value in expected.results["mAP"].items():
+        assert results["mAP"][k] == pytest.approx(value, abs=1e-6)
