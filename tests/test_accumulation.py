@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -53,12 +54,9 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state():
     mesh = parallel.make_mesh(jax.devices()[:1])
     state = create_train_state(config, model, make_optimizer(config, 1), mesh)
     batch = parallel.global_batch(next(iterate(train_dataset(source, config, 1))), mesh)
-    outputs, captured = model.apply(
-        {"params": state.params, "batch_stats": state.batch_stats},
-        batch["image"],
-        train=False,
-        capture_intermediates=True,
-        mutable=["intermediates"],
+    apply = partial(model.apply, train=False, capture_intermediates=True, mutable=["intermediates"])
+    outputs, captured = jax.jit(apply)(
+        {"params": state.params, "batch_stats": state.batch_stats}, batch["image"]
     )
     stage_maps = captured["intermediates"]["backbone"]["__call__"][0]
     assert stage_maps and all(x.dtype == jnp.bfloat16 for x in stage_maps.values())
