@@ -515,8 +515,13 @@ def calibrate_folded_batch_norm(
 def _capture_conv_outputs(
     module: nn.Module, variables: Variables, images: np.ndarray
 ) -> dict[tuple[str, ...], np.ndarray]:
-    """Outputs of every `nn.Conv` of `module` (eval mode) keyed by module path."""
-    filter_convs: Callable[[nn.Module, str], bool] = lambda mdl, _: isinstance(mdl, nn.Conv)
+    """Outputs of every convolution of `module` (eval mode) keyed by module path.
+
+    Convolutions are `nn.Conv` and MobileNetV2's `DepthwiseConv` (not an `nn.Conv` subclass:
+    on CPU it runs as shifted multiply-adds).
+    """
+    conv_types = (nn.Conv, mobilenet.DepthwiseConv)
+    filter_convs: Callable[[nn.Module, str], bool] = lambda mdl, _: isinstance(mdl, conv_types)
     _, state = jax.jit(
         lambda v, x: module.apply(v, x, train=False, capture_intermediates=filter_convs)
     )(variables, images)
