@@ -16,7 +16,7 @@ from pathlib import Path
 
 import ml_collections
 
-from fdh_jax.config_files import load_config
+from fdh_jax.config_files import load_config, paper_protocol
 
 DEFAULT_ROOT = "~/data/CUB_200_2011"  # `~` is expanded when the source opens it
 
@@ -24,10 +24,4 @@ DEFAULT_ROOT = "~/data/CUB_200_2011"  # `~` is expanded when the source opens it
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The default config with this dataset and the paper protocol; `arg` = dataset root."""
     config = load_config(Path(__file__).with_name("default.py"))
-    config.data.name = "cub"
-    config.data.root = arg or DEFAULT_ROOT
-    config.data.image_size = 224
-    config.data.eval_resize = 256
-    config.model.backbone = "resnet50"
-    config.model.width = 64
-    return config
+    return paper_protocol(config, "cub", arg or DEFAULT_ROOT)

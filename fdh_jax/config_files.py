@@ -15,3 +15,20 @@ def load_config(path: str | Path, arg: str | None = None) -> ml_collections.Conf
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def paper_protocol(
+    config: ml_collections.ConfigDict, dataset: str, root: str
+) -> ml_collections.ConfigDict:
+    """Sets the published-dataset protocol of DESIGN 1.3 on `config` and returns it.
+
+    ResNet-50, random-resized crop 224 + flip for training, resize 256 + centre crop 224 for
+    evaluation; database = the official train split, query = the official test split.
+    """
+    config.data.name = dataset
+    config.data.root = root
+    config.data.image_size = 224
+    config.data.eval_resize = 256
+    config.model.backbone = "resnet50"
+    config.model.width = 64
+    return config
