@@ -1,6 +1,10 @@
 """Shared test helpers: tiny configs that train in seconds on a CPU."""
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,3 +49,26 @@ def tiny_config(num_steps: int = 4):
 @pytest.fixture
 def tiny():
     return tiny_config()
+
+
+def run_on_fake_devices(script: str, num_devices: int = 4) -> dict:
+    """Runs `tests/<script>` in a fresh process with `num_devices` fake CPU devices.
+
+    The device count must be set before JAX starts, hence the subprocess. Returns the JSON
+    report the script prints as its last line; a failing script fails the calling test.
+    """
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+        JAX_PLATFORMS="cpu",
+    )
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / script)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

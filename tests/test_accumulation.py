@@ -1,16 +1,12 @@
 """Gradient accumulation (4 fake CPU devices), bfloat16 compute, and their config checks."""
 
-import json
-import os
-import subprocess
-import sys
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, tiny_config
+from conftest import run_on_fake_devices, tiny_config
 
 from fdh_jax import parallel
 from fdh_jax.data import load_split
@@ -21,19 +17,7 @@ from fdh_jax.validation import ConfigError, validate_config
 
 
 def test_accumulation_on_four_devices_matches_references():
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
-    )
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "accumulation_check.py")],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_on_fake_devices("accumulation_check.py")
     accumulated, tiled = report["accumulated"], report["tiled"]
     # The accumulated step is one update with the mean micro-batch gradient, micro-batch BN.
     assert accumulated["loss"] == pytest.approx(accumulated["expected_loss"], rel=1e-5)
