@@ -1,6 +1,6 @@
 """FDH-MFE: backbone -> background suppression -> multi-level graph -> hash heads.
 
-One forward pass produces continuous codes `h_K = tanh(W_K z + b_K)` for every code length `K`
+One forward pass produces continuous codes `h_K = tanh(W_K z / ||z|| + b_K)` for every length `K`
 (all heads share the backbone, the mask and the graph), the background codes `h_bg_K` that the
 triplet loss uses as negatives, optional class logits, and the class proxies of the proxy loss.
 Binary codes come from `binarize`: `where(h >= 0, +1, -1)` as int8, never `sign` (which maps 0
@@ -23,7 +23,9 @@ from fdh_jax.models.suppression import background_mask
 class FDHMFE(nn.Module):
     """The FDH-MFE hashing network.
 
-    Call: `images: [B, H, W, 3] float32 (ImageNet-normalised)` -> dict with
+    Call: `images: [B, H, W, 3] float32 (ImageNet-normalised)`, or the backbone's stage maps
+    `{"C3": [B, H3, W3, C3], ...}` computed beforehand (a frozen backbone's features: the backbone
+    is skipped and needs no parameters) -> dict with
       `hash`: `{"K": [B, K] float32 in (-1, 1)}`; `hash_background`: same, or absent without
       suppression; `class_logits`: `[B, C]` (with the classifier); `proxies`: `{"K": [C, K]}`
       (with proxies); `mask`: `[B, h, w, 1]` (with suppression); `descriptor`: `[B, D]`.
@@ -50,10 +52,13 @@ class FDHMFE(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, images: jnp.ndarray, train: bool = False) -> dict:
-        backbone = get_backbone(self.backbone, width=self.width, dtype=self.dtype)
-        backbone_train = train and not self.freeze_backbone
-        stage_maps = backbone.clone(parent=self, name="backbone")(images, backbone_train)
+    def __call__(self, images: jnp.ndarray | dict, train: bool = False) -> dict:
+        if isinstance(images, dict):  # precomputed stage maps of a frozen backbone
+            stage_maps = images
+        else:
+            backbone = get_backbone(self.backbone, width=self.width, dtype=self.dtype)
+            backbone_train = train and not self.freeze_backbone
+            stage_maps = backbone.clone(parent=self, name="backbone")(images, backbone_train)
         if self.freeze_backbone:  # no backward pass through a backbone that is not updated
             stage_maps = jax.tree.map(jax.lax.stop_gradient, stage_maps)
         stage_maps = {name: stage_maps[name] for name in self.stages} | {"C5": stage_maps["C5"]}
@@ -79,11 +84,13 @@ class FDHMFE(nn.Module):
 
         heads = {k: nn.Dense(k, dtype=self.dtype, name=f"hash_{k}") for k in self.bits}
         outputs["hash"] = {
-            str(k): jnp.tanh(head(descriptor).astype(jnp.float32)) for k, head in heads.items()
+            str(k): jnp.tanh(head(_unit(descriptor)).astype(jnp.float32))
+            for k, head in heads.items()
         }
         if background is not None:
             outputs["hash_background"] = {
-                str(k): jnp.tanh(head(background).astype(jnp.float32)) for k, head in heads.items()
+                str(k): jnp.tanh(head(_unit(background)).astype(jnp.float32))
+                for k, head in heads.items()
             }
         if self.use_classifier:
             logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(descriptor)
@@ -93,6 +100,20 @@ class FDHMFE(nn.Module):
                 self.num_classes, tuple(self.bits), self.proxy_seed, name="proxies"
             )()
         return outputs
+
+
+def _unit(descriptor: jnp.ndarray) -> jnp.ndarray:
+    """L2-normalised descriptor: the input of the hash heads.
+
+    With Adam every weight moves by about the learning rate per step, so a pre-activation
+    `W z` moves by up to `lr * ||z||_1`. On the raw descriptor (`D = (S + 1) * node_dim` = 2048
+    LayerNorm-scaled values, `||z||_1 ~ 1600`) that is ~1.6 per step at lr 1e-3: the tanh heads
+    saturated at +-1 within 20 steps on real photos and stopped learning. On the unit vector it
+    is at most `lr * sqrt(D)`, and the heads start in tanh's linear range.
+    """
+    x = descriptor.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+    return x.astype(descriptor.dtype)
 
 
 def binarize(hash_values: jnp.ndarray) -> jnp.ndarray:

@@ -1,0 +1,75 @@
+"""The assembled FDH-MFE module: hash heads on the unit descriptor, precomputed stage maps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fdh_jax.models.backbones import get_backbone
+from fdh_jax.models.fdh import FDHMFE
+
+
+def _tiny(freeze_backbone: bool = False) -> FDHMFE:
+    return FDHMFE(
+        num_classes=5,
+        bits=(6, 10),
+        backbone="resnet_narrow",
+        width=8,
+        node_dim=16,
+        gnn_heads=2,
+        gnn_layers=1,
+        freeze_backbone=freeze_backbone,
+    )
+
+
+def _images(seed: int = 0) -> jnp.ndarray:
+    return jnp.asarray(np.random.default_rng(seed).normal(size=(3, 32, 32, 3)), jnp.float32)
+
+
+def test_hash_heads_read_the_l2_normalised_descriptor():
+    model = _tiny()
+    images = _images()
+    variables = model.init(jax.random.key(0), images)
+    outputs = model.apply(variables, images)
+    z = np.asarray(outputs["descriptor"], np.float64)
+    unit = z / np.linalg.norm(z, axis=1, keepdims=True)
+    for k in ("6", "10"):
+        head = variables["params"][f"hash_{k}"]
+        expected = np.tanh(unit @ np.asarray(head["kernel"]) + np.asarray(head["bias"]))
+        np.testing.assert_allclose(outputs["hash"][k], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_precomputed_stage_maps_give_the_same_outputs_and_gradients():
+    model = _tiny(freeze_backbone=True)
+    images = _images(1)
+    variables = model.init(jax.random.key(1), images)
+    backbone = get_backbone("resnet_narrow", width=8)
+    backbone_variables = {
+        "params": variables["params"]["backbone"],
+        "batch_stats": variables["batch_stats"]["backbone"],
+    }
+    stage_maps = backbone.apply(backbone_variables, images, False)
+
+    from_images = model.apply(variables, images)
+    from_maps = model.apply(variables, stage_maps)
+    for path, expected in jax.tree_util.tree_leaves_with_path(from_images):
+        actual = dict(jax.tree_util.tree_leaves_with_path(from_maps))[path]
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6, err_msg=str(path))
+
+    def head_loss(params, inputs):
+        out, _ = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            inputs,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return sum(jnp.sum(h**2) for h in out["hash"].values())
+
+    grads_images = jax.grad(head_loss)(variables["params"], images)
+    grads_maps = jax.grad(head_loss)(variables["params"], stage_maps)
+    assert not any(np.any(g) for g in jax.tree.leaves(grads_images["backbone"]))
+    np.testing.assert_allclose(
+        grads_maps["mfe"]["C5_proj"]["kernel"],
+        grads_images["mfe"]["C5_proj"]["kernel"],
+        rtol=1e-4,
+        atol=1e-6,
+    )
