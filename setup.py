@@ -27,6 +27,7 @@ setup(
         "safetensors>=0.4",
         "tflite>=2.10",
         "scipy>=1.11",
+        "tensorboard>=2.15",  # event files only (no TensorFlow): fdh_jax/summaries.py
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6", "faiss-cpu>=1.8"],

@@ -7,7 +7,6 @@ checkpoint, and the batches and augmentation are pure functions of (seed, step),
 killed and restarted from its workdir ends exactly where an uninterrupted run would.
 """
 
-import json
 import math
 import signal
 import threading
@@ -31,6 +30,7 @@ from fdh_jax.data.transforms import eval_transform
 from fdh_jax.losses import total_loss
 from fdh_jax.models.backbones import get_backbone
 from fdh_jax.models.fdh import build_model
+from fdh_jax.summaries import MetricWriter
 from fdh_jax.validation import validate_config
 
 
@@ -281,10 +281,7 @@ def _log_step(step: int, total: int, metrics: dict, images_per_second: float, wr
         f"{images_per_second:.0f} img/s | ETA {_format_seconds(eta)}"
     )
     if writer is not None:
-        writer.write(
-            json.dumps({"step": step, **metrics, "images_per_second": images_per_second}) + "\n"
-        )
-        writer.flush()
+        writer.write(step, {**metrics, "images_per_second": images_per_second})
 
 
 # ---------------------------------------------------------------------------------- main entry
@@ -405,6 +402,8 @@ def _evaluate_and_report(run: Run, config, workdir: Path, train_seconds: float) 
         evaluate.write_results(workdir, results)
         evaluate.write_extra_metrics(workdir, evaluation)
         evaluate.write_figures(workdir, evaluation, run.query, run.database)
+        with MetricWriter(workdir, jsonl=False) as writer:
+            writer.write(results["steps"], {f"eval/mAP_{k}": v for k, v in results["mAP"].items()})
         print(evaluate.format_table(results), flush=True)
         report(f"Wrote {workdir / 'results.json'}, pr_curves.png and gallery.html.")
     return results
@@ -467,7 +466,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             f"{config.train.batch_size}, {jax.device_count()} device(s)."
         )
         iterator = iterate(dataset, progress["data"])
-        writer = open(workdir / "metrics.jsonl", "a") if is_main else None  # noqa: SIM115
+        writer = MetricWriter(workdir) if is_main else None
         window_start, window_steps = time.perf_counter(), 0
         segment_start = time.perf_counter()
         try:

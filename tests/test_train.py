@@ -1,12 +1,14 @@
 """End to end: `train_and_evaluate` on a tiny model, rerun, and resumption after SIGKILL."""
 
 import json
+import struct
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from conftest import REPO, tiny_config
+from tensorboard.compat.proto import event_pb2
 
 from fdh_jax.train import train_and_evaluate
 
@@ -57,6 +59,32 @@ def test_train_and_evaluate_writes_results(finished_run):
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 9))
     assert all(json.loads(line)["loss"] > 0 for line in lines)
+
+
+def _tensorboard_scalars(directory) -> dict[tuple[str, int], float]:
+    """Every scalar in the TFRecord event files of `directory`: `{(tag, step): value}`."""
+    scalars = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):  # record: u64 length, u32 crc, payload, u32 crc
+            (length,) = struct.unpack_from("<Q", data, offset)
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars[value.tag, event.step] = value.simple_value
+    return scalars
+
+
+def test_tensorboard_events_hold_the_logged_metrics(finished_run):
+    _, workdir, results = finished_run
+    scalars = _tensorboard_scalars(workdir / "tensorboard")
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        assert scalars["loss", entry["step"]] == pytest.approx(entry["loss"], rel=1e-6)
+        assert scalars["proxy_8", entry["step"]] == pytest.approx(entry["proxy_8"], rel=1e-6)
+    for k, value in results["mAP"].items():
+        assert scalars[f"eval/mAP_{k}", 8] == pytest.approx(value, rel=1e-6)
 
 
 def test_rerun_restores_instead_of_retraining(finished_run, capsys):
