@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from fdh_jax.models.backbones import get_backbone
 from fdh_jax.models.fdh import FDHMFE
@@ -73,3 +74,10 @@ def test_precomputed_stage_maps_give_the_same_outputs_and_gradients():
         rtol=1e-4,
         atol=1e-6,
     )
+
+
+def test_incomplete_stage_maps_name_what_is_missing():
+    model = _tiny(freeze_backbone=True)
+    maps = {"C4": jnp.zeros((1, 4, 4, 16)), "C5": jnp.zeros((1, 2, 2, 32))}
+    with pytest.raises(ValueError, match=r"lack C3: the model uses C3, C4, C5 .*got C4, C5"):
+        model.init(jax.random.key(0), maps)

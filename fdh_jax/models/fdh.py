@@ -54,6 +54,12 @@ class FDHMFE(nn.Module):
     @nn.compact
     def __call__(self, images: jnp.ndarray | dict, train: bool = False) -> dict:
         if isinstance(images, dict):  # precomputed stage maps of a frozen backbone
+            missing = sorted({*self.stages, "C5"} - set(images))
+            if missing:
+                raise ValueError(
+                    f"precomputed stage maps lack {', '.join(missing)}: the model uses "
+                    f"{', '.join(self.stages)} and C5 (for the mask); got {', '.join(images)}"
+                )
             stage_maps = images
         else:
             backbone = get_backbone(self.backbone, width=self.width, dtype=self.dtype)
