@@ -456,7 +456,8 @@ def test_tfds_source_reads_labels_and_decodes_record_bytes(tmp_path, monkeypatch
         names = ["apple_pie", "baby_back_ribs", "caesar_salad"]
 
     class FakeRecords(list):
-        dataset_info = type("Info", (), {"features": {"label": FakeLabel()}})()
+        features = {"image": tfds.features.Image(), "label": FakeLabel()}
+        dataset_info = type("Info", (), {"features": features})()
 
     calls = []
 

@@ -255,6 +255,8 @@ def test_cub_config_reads_a_built_caltech_birds2011(tmp_path, monkeypatch):
             assert source.name == "cub" and source.split == split
             assert source.num_classes == 200 and source.class_names[:2] == ["0", "1"]
             assert_matches(source, expected[split])
+            # Only "image" is decoded, by us; the masks stay PNG bytes (no PIL decode per read).
+            assert isinstance(source._records[0]["segmentation_mask"], bytes)
     # With the published CUB sizes the tiny copy is refused, as an incomplete download would be.
     with pytest.raises(
         SplitSizeMismatchError, match="has 3 images but the published split has 5994"

@@ -85,13 +85,25 @@ class TfdsSource:
             raise tfds_not_prepared_error(name, tfds_name, self.data_dir)
         import tensorflow_datasets as tfds  # heavy import, only when a TFDS copy is used
 
-        self._records = tfds.data_source(
-            tfds_name,
-            split=tfds_split,
-            data_dir=str(self.data_dir),
-            download=False,
-            decoders={"image": tfds.decode.SkipDecoding()},
-        )
+        def open_records(encoded: list[str]):
+            return tfds.data_source(
+                tfds_name,
+                split=tfds_split,
+                data_dir=str(self.data_dir),
+                download=False,
+                decoders={name: tfds.decode.SkipDecoding() for name in encoded},
+            )
+
+        self._records = open_records(["image"])
+        # Leave every image-type field encoded (CUB's segmentation masks, for one): only "image"
+        # is ever decoded, by us, and decoding the others would cost a PIL decode per read.
+        encoded = [
+            name
+            for name, feature in self._records.dataset_info.features.items()
+            if isinstance(feature, tfds.features.Image)
+        ]
+        if encoded != ["image"]:
+            self._records = open_records(encoded)
         self.class_names = list(self._records.dataset_info.features["label"].names)
         self.num_classes = len(self.class_names)
         labels, paths = [], []
