@@ -10,8 +10,8 @@ from functools import partial
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, tiny_config
-from multiprocess_check import NUM_STEPS, SIGNAL_AT
+from conftest import REPO
+from multiprocess_check import NUM_STEPS, SIGNAL_AT, check_config
 
 from fdh_jax import evaluate, parallel
 from fdh_jax.data import load_split
@@ -42,7 +42,7 @@ def _losses(workdir):
 
 def _one_process_losses():
     """The losses of the same run in this process, on one device."""
-    config = tiny_config(NUM_STEPS)
+    config = check_config()
     mesh = parallel.make_mesh(jax.devices()[:1])
     source = load_split(config, "train")
     model = build_model(config, source.num_classes)
@@ -73,10 +73,13 @@ def test_two_processes_preempt_resume_and_match_one_process(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Restored {workdir / 'checkpoints'} at step {stop}." in resumed.stdout
 
-    config = tiny_config(NUM_STEPS)
+    config = check_config()
     losses = _losses(workdir)
     assert [step for step, _ in losses] == list(range(1, NUM_STEPS + 1))
-    np.testing.assert_allclose([loss for _, loss in losses], _one_process_losses(), rtol=2e-5)
+    # Summation order differs across processes (~5e-7 relative at step 1); 6 SGD steps grow it to
+    # ~1e-5. A wrong batch, slot or restored state moves the loss by percents.
+    np.testing.assert_allclose([loss for _, loss in losses], _one_process_losses(), rtol=1e-4)
+    assert losses[0][1] != losses[-1][1]  # the steps did train
     results = json.loads((workdir / "results.json").read_text())
     assert results["steps"] == NUM_STEPS
 
