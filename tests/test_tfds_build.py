@@ -18,7 +18,6 @@ when offline, so an accidental download must fail, not hang.
 
 from __future__ import annotations
 
-import importlib.util
 import signal
 import socket
 import sys
@@ -28,6 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fdh_jax.config_files import load_config
 from fdh_jax.data import load_split
 from fdh_jax.data.sources import PUBLISHED_SPLIT_SIZES, make_source
 from fdh_jax.data.sources.base import SplitSizeMismatchError
@@ -205,15 +205,6 @@ def test_tfds_source_reads_a_real_array_record_build(tmp_path):
     assert tensorflow_before or "tensorflow" not in sys.modules, "reading imported TensorFlow"
 
 
-def load_config_module(stem: str):
-    spec = importlib.util.spec_from_file_location(
-        f"config_{stem}_tfds", REPO_ROOT / "configs" / f"{stem}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cub_config_reads_a_built_caltech_birds2011(tmp_path, monkeypatch):
     """configs/cub.py with ROOT = a TFDS data dir -> load_split -> make_source -> TfdsSource."""
     data_dir = tmp_path / "tfds"
@@ -245,7 +236,7 @@ def test_cub_config_reads_a_built_caltech_birds2011(tmp_path, monkeypatch):
     built = build(CaltechBirds2011, data_dir, examples)
     assert built == data_dir / "caltech_birds2011" / CUB_VERSION
 
-    config = load_config_module("cub").get_config(str(data_dir))
+    config = load_config(REPO_ROOT / "configs" / "cub.py", str(data_dir))
     assert config.data.name == "cub" and config.data.root == str(data_dir)
     with monkeypatch.context() as sizes:
         sizes.setitem(PUBLISHED_SPLIT_SIZES, "cub", {"train": 3, "test": 2})
