@@ -1,6 +1,5 @@
 """Shared test helpers: tiny configs that train in seconds on a CPU."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,15 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from fdh_jax import config_files
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def load_config(name: str):
     """`configs/<name>.py`'s `get_config()`."""
-    spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_files.load_config(REPO / "configs" / f"{name}.py")
 
 
 def tiny_config(num_steps: int = 4):
@@ -30,6 +28,11 @@ def tiny_config(num_steps: int = 4):
     config.data.image_size = 32
     config.data.eval_resize = 32
     config.model.width = 8
+    return shrink(config, num_steps)
+
+
+def shrink(config, num_steps: int):
+    """A graph, code lengths, batches (4 classes x 2) and logging sized for a test; in place."""
     config.model.node_dim = 16
     config.model.gnn_heads = 2
     config.model.gnn_layers = 1

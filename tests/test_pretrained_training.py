@@ -7,17 +7,16 @@ frozen backbone also gets no gradient at all (no backward pass through it).
 """
 
 import json
-import os
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import load_config, shrink
 from PIL import Image
 from safetensors.numpy import save_file
-from test_pretrained import _torch_resnet
+from test_pretrained import TFLITE_PATH, _torch_resnet
 
 from fdh_jax import parallel
 from fdh_jax.losses import total_loss
@@ -32,8 +31,6 @@ from fdh_jax.train import (
     train_and_evaluate,
 )
 
-SHARED = Path(os.environ.get("FDH_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-TFLITE_PATH = SHARED / "weights" / "mobilenet_v2_1.0_224_ptq.tflite"
 NUM_CLASSES, PER_CLASS, IMAGE_SIZE, STEPS = 4, 4, 64, 2
 
 
@@ -56,21 +53,10 @@ def pretrained_config(root: Path, backbone: str, weights: Path, freeze: bool):
     config.model.backbone = backbone
     config.model.pretrained = str(weights)
     config.model.freeze_backbone = freeze
-    config.model.node_dim = 16
-    config.model.gnn_heads = 2
-    config.model.gnn_layers = 1
-    config.bits = (8, 12)
-    config.train.batch_size = 8
-    config.train.classes_per_batch = 4
-    config.train.images_per_class = 2
-    config.train.num_steps = STEPS
-    config.train.warmup_steps = 1
+    shrink(config, STEPS)
     config.train.optimizer = "adamw"
     config.train.learning_rate = 1e-2
-    config.train.log_every = 1
     config.train.checkpoint_every = STEPS
-    config.eval.batch_size = 8
-    config.eval.precision_at_k = (2,)
     return config
 
 

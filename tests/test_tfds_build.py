@@ -81,6 +81,16 @@ class _ExampleBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _generate_examples(self, rows):
         yield from rows
 
+    def _features(self) -> dict:
+        raise NotImplementedError
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(self._features()),
+            supervised_keys=("image", "label"),
+        )
+
 
 class FdhTinyTfdsTest(_ExampleBuilder, skip_registration=True):
     """A test-only dataset: PNG image, its file name, 3 named classes."""
@@ -88,18 +98,12 @@ class FdhTinyTfdsTest(_ExampleBuilder, skip_registration=True):
     VERSION = tfds.core.Version("1.0.0")
     CLASS_NAMES = ["albatross", "bunting", "cormorant"]
 
-    def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(),
-                    "image/filename": tfds.features.Text(),
-                    "label": tfds.features.ClassLabel(names=self.CLASS_NAMES),
-                }
-            ),
-            supervised_keys=("image", "label"),
-        )
+    def _features(self) -> dict:
+        return {
+            "image": tfds.features.Image(),
+            "image/filename": tfds.features.Text(),
+            "label": tfds.features.ClassLabel(names=self.CLASS_NAMES),
+        }
 
 
 class CaltechBirds2011(_ExampleBuilder, skip_registration=True):
@@ -108,21 +112,15 @@ class CaltechBirds2011(_ExampleBuilder, skip_registration=True):
     name = "caltech_birds2011"
     VERSION = tfds.core.Version(CUB_VERSION)
 
-    def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(),
-                    "image/filename": tfds.features.Text(),
-                    "label": tfds.features.ClassLabel(num_classes=200),
-                    "label_name": tfds.features.Text(),
-                    "bbox": tfds.features.BBoxFeature(),
-                    "segmentation_mask": tfds.features.Image(shape=(None, None, 1)),
-                }
-            ),
-            supervised_keys=("image", "label"),
-        )
+    def _features(self) -> dict:
+        return {
+            "image": tfds.features.Image(),
+            "image/filename": tfds.features.Text(),
+            "label": tfds.features.ClassLabel(num_classes=200),
+            "label_name": tfds.features.Text(),
+            "bbox": tfds.features.BBoxFeature(),
+            "segmentation_mask": tfds.features.Image(shape=(None, None, 1)),
+        }
 
 
 def write_png(path: Path, pixels: np.ndarray) -> Path:
