@@ -7,29 +7,43 @@
     codes = fdh_jax.encode(model, variables, images)           # {"48": int8 [B, 48] in {-1, +1}}
     fdh_jax.mean_average_precision(query_codes, db_codes, query_labels, db_labels)
     fdh_jax.train_and_evaluate(config, workdir)
+    encoder = fdh_jax.load_encoder(workdir_or_export_dir)      # a trained model on its own
+    codes = encoder.encode_images(["a.jpg", "b.jpg"])
 
-Re-exports only; each name lives in the module named for what it is.
+Re-exports only; each name lives in the module named for what it is. The names are imported on
+first use, so that `fdh_jax.load_encoder(export_dir)` needs only jax, numpy and Pillow (no
+Flax, no model code): see `fdh_jax/inference.py`.
 """
 
-from fdh_jax.config_files import load_config
-from fdh_jax.data import load_split, make_source
-from fdh_jax.evaluate import encode
-from fdh_jax.metrics import mean_average_precision
-from fdh_jax.models.backbones import get_backbone
-from fdh_jax.models.fdh import FDHMFE, binarize, build_model, init_variables
-from fdh_jax.train import evaluate_checkpoint, train_and_evaluate
+import importlib
 
-__all__ = [
-    "FDHMFE",
-    "binarize",
-    "build_model",
-    "encode",
-    "evaluate_checkpoint",
-    "get_backbone",
-    "init_variables",
-    "load_config",
-    "load_split",
-    "make_source",
-    "mean_average_precision",
-    "train_and_evaluate",
-]
+_EXPORTS = {
+    "FDHMFE": "fdh_jax.models.fdh",
+    "binarize": "fdh_jax.models.fdh",
+    "build_model": "fdh_jax.models.fdh",
+    "init_variables": "fdh_jax.models.fdh",
+    "get_backbone": "fdh_jax.models.backbones",
+    "load_config": "fdh_jax.config_files",
+    "load_split": "fdh_jax.data",
+    "make_source": "fdh_jax.data",
+    "encode": "fdh_jax.evaluate",
+    "evaluate_checkpoint": "fdh_jax.evaluate",
+    "mean_average_precision": "fdh_jax.metrics",
+    "train_and_evaluate": "fdh_jax.train",
+    "load_encoder": "fdh_jax.inference",
+    "export_encoder": "fdh_jax.inference",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'fdh_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

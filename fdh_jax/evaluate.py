@@ -16,7 +16,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from fdh_jax import parallel
+from fdh_jax import inference, parallel
+from fdh_jax.atomic_files import write_text_atomically
 from fdh_jax.data.pipeline import eval_dataset
 from fdh_jax.metrics import (
     mean_average_precision,
@@ -33,6 +34,8 @@ __all__ = [
     "encode",
     "encode_source",
     "evaluate",
+    "evaluate_checkpoint",
+    "evaluate_and_report",
     "format_table",
     "mean_average_precision",
     "write_extra_metrics",
@@ -184,17 +187,89 @@ def _thumbnail(image: np.ndarray, size: int = 96) -> np.ndarray:
 def write_extra_metrics(workdir: Path, evaluation: Evaluation) -> Path:
     """Writes `retrieval_metrics.json`: radius-2 precision and PR curves per code length."""
     path = Path(workdir) / "retrieval_metrics.json"
-    path.write_text(json.dumps(evaluation.extra, indent=2) + "\n")
-    return path
+    return write_text_atomically(path, json.dumps(evaluation.extra, indent=2) + "\n")
 
 
 def write_results(workdir: Path, results: dict) -> Path:
     """Writes `workdir/results.json` atomically (no half-written file on a crash)."""
     path = Path(workdir) / "results.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return write_text_atomically(path, json.dumps(results, indent=2) + "\n")
+
+
+def evaluate_and_report(
+    model,
+    variables: dict,
+    query: Any,
+    database: Any,
+    config: ml_collections.ConfigDict,
+    mesh,
+    output_dir: Path,
+    *,
+    steps: int,
+    train_seconds: float,
+    extra_results: dict | None = None,
+) -> dict:
+    """Evaluates, then (process 0) writes `results.json`, `retrieval_metrics.json`, the PR
+    curves and the gallery into `output_dir` and prints the table. Returns the results."""
+    evaluation = evaluate(model, variables, query, database, config, mesh)
+    results = evaluation.results | {"train_seconds": round(train_seconds, 3), "steps": steps}
+    results |= extra_results or {}
+    if jax.process_index() == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_results(output_dir, results)
+        write_extra_metrics(output_dir, evaluation)
+        write_figures(output_dir, evaluation, query, database)
+        print(format_table(results), flush=True)
+        print(f"Wrote {output_dir / 'results.json'}, pr_curves.png and gallery.html.", flush=True)
+    return results
+
+
+def evaluate_checkpoint(
+    workdir: str | Path,
+    config: ml_collections.ConfigDict | None = None,
+    *,
+    eval_data: str | None = None,
+    step: int | None = None,
+) -> dict:
+    """`--mode=eval`: scores a workdir's checkpoint (default: the latest) without training.
+
+    The model always comes from the workdir (`config.json`, `model.json`, the checkpoint): no
+    pretrained-weights file and no optimiser. `config` (default: the workdir's) supplies the
+    data and evaluation settings.
+
+    Without `eval_data`, the training dataset's query split is ranked against its database split
+    and `workdir/results.json` is (re)written. With `eval_data`, a folder dataset (the layout and
+    split rules of `configs/folder.py`: `split.csv`, else a per-class split seeded by the training
+    seed with `data.test_fraction`) whose classes may be ones the model never saw; the results go
+    to `workdir/eval/<folder name>/` and the training `results.json` is left alone.
+    """
+    from fdh_jax.data import load_split  # noqa: PLC0415 - the data sources are heavy imports
+
+    workdir = Path(workdir)
+    encoder = inference.restore_encoder(workdir, step, config)
+    config = encoder.config
+    extra = {}
+    if eval_data:
+        config = config.copy_and_resolve_references()
+        config.data.name, config.data.root = "folder", str(eval_data)
+        output_dir = workdir / "eval" / Path(eval_data).resolve().name
+        extra = {"eval_data": str(Path(eval_data).resolve()), "checkpoint_step": encoder.step}
+    else:
+        output_dir = workdir
+    database, query = load_split(config, "train"), load_split(config, "test")
+    progress = inference.checkpoint_progress(workdir, encoder.step)
+    return evaluate_and_report(
+        encoder.model,
+        encoder.variables,
+        query,
+        database,
+        config,
+        encoder.mesh,
+        output_dir,
+        steps=encoder.step,
+        train_seconds=float(progress.get("train_seconds", 0.0)),
+        extra_results=extra,
+    )
 
 
 def format_table(results: dict) -> str:

@@ -1,109 +1,114 @@
 """`--mode=encode` and `--mode=search`: hash an image collection into an index, query it.
 
-    python -m fdh_jax.main --config=C --workdir=W --mode=encode --split=train --index=db.npz
-    python -m fdh_jax.main --config=C --workdir=W --mode=encode --images=DIR --index=db.npz
-    python -m fdh_jax.main --config=C --workdir=W --mode=search --index=db.npz --query=IMG --topk=10
+    python -m fdh_jax.main --workdir=W --mode=encode --images=DIR --index=db.npz
+    python -m fdh_jax.main --workdir=W --mode=encode --split=train --index=db.npz
+    python -m fdh_jax.main --workdir=W --mode=search --index=db.npz --query=IMG --topk=10
 
-Both restore the latest checkpoint of the workdir. The index records the code length, the
-checkpoint and the config, and a search refuses an index made with another code length.
+`W` is a training workdir (its latest checkpoint, or `--step`) or an export directory
+(`--mode=export`): the model comes from there, never from `--config`. An index records the
+training config and the encoder's identity (parameter fingerprint, checkpoint step, code length,
+preprocessing); a search refuses an index made by another encoder, naming both.
 """
 
 import json
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from fdh_jax import evaluate
 from fdh_jax.data.sources.image_files import ImageFilesSource
+from fdh_jax.inference import Encoder, EncoderRequestError, ModelFileError, load_encoder
 from fdh_jax.retrieval import HashIndex
-from fdh_jax.train import NoCheckpointError, Run, prepare_run
 
 
-def _restored(config: ml_collections.ConfigDict, workdir: Path) -> Run:
-    run = prepare_run(config, workdir, check_images=False)
-    if run.manager.latest_step() is None:
-        run.manager.close()
-        raise NoCheckpointError(f"no checkpoint in {workdir / 'checkpoints'}: train first")
-    return run
-
-
-def _bits(config: ml_collections.ConfigDict, bits: int | None) -> str:
+def _bits(encoder: Encoder, bits: int | None) -> str:
     if bits is None:
-        return str(max(config.bits))
-    if bits not in tuple(config.bits):
-        raise ValueError(f"--bits={bits}: this model has code lengths {tuple(config.bits)}")
+        return str(max(encoder.bits))
+    if bits not in encoder.bits:
+        raise EncoderRequestError(f"--bits={bits}: this model has code lengths {encoder.bits}")
     return str(bits)
 
 
-def _encode(run: Run, config, source) -> dict[str, np.ndarray]:
-    variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
-    codes, _ = evaluate.encode_source(run.model, variables, source, config, run.mesh)
-    return codes
+def _split_source(encoder: Encoder, split: str, config: ml_collections.ConfigDict | None) -> Any:
+    """A split of the training dataset (or of `config.data`, to read it from another place)."""
+    from fdh_jax.data import load_split  # noqa: PLC0415 - the data sources are heavy imports
+
+    config = config if config is not None else ml_collections.ConfigDict(encoder.training_config)
+    return load_split(config, split, check_images=False)
 
 
 def encode_to_index(
-    config: ml_collections.ConfigDict,
-    workdir: str | Path,
+    model_path: str | Path,
     index_path: str | Path,
     *,
     split: str = "train",
     images: str | None = None,
     bits: int | None = None,
+    step: int | None = None,
+    config: ml_collections.ConfigDict | None = None,
 ) -> HashIndex:
-    """Encodes a dataset split (or the image files under `images`) and saves a `HashIndex`."""
-    workdir = Path(workdir)
-    k = _bits(config, bits)
-    run = _restored(config, workdir)
-    try:
-        if images:
-            source = ImageFilesSource(images)
-        else:
-            source = {"train": run.database, "test": run.query}[split]
-        codes = _encode(run, config, source)[k]
-        index = HashIndex(
-            codes=codes,
-            labels=np.asarray(source.labels, np.int64),
-            paths=list(source.paths),
-            checkpoint=str(workdir / "checkpoints" / str(run.manager.latest_step())),
-            config_json=config.to_json_best_effort(),
+    """Encodes the image files under `images` (or a split of the training dataset) and saves a
+    `HashIndex` of `bits`-bit codes (default: the longest) to `index_path`, atomically.
+
+    `model_path`: a training workdir or an export directory. `config` replaces the training
+    config's data settings when encoding a split from a moved dataset.
+    """
+    encoder = load_encoder(model_path, step)
+    k = _bits(encoder, bits)
+    source = ImageFilesSource(images) if images else _split_source(encoder, split, config)
+    codes = encoder.encode_source(source)[k]
+    index = HashIndex(
+        codes=codes,
+        labels=np.asarray(source.labels, np.int64),
+        paths=list(source.paths),
+        checkpoint=f"{Path(model_path).absolute()} step {encoder.step}",
+        config_json=json.dumps(encoder.training_config),
+        encoder_json=json.dumps(encoder.identity | {"bits": int(k)}),
+    )
+    if jax.process_index() == 0:
+        index.save(index_path)
+        print(f"Wrote {len(index)} {k}-bit codes to {index_path}", flush=True)
+    return index
+
+
+def check_index_encoder(index: HashIndex, encoder: Encoder, index_path: str | Path) -> None:
+    """Raises `ModelFileError` (one line, both sides named) unless `encoder` made the index's
+    codes: same parameters, a code length it produces, the same preprocessing."""
+    made_by = json.loads(index.encoder_json)
+    if index.bits not in encoder.bits:
+        raise ModelFileError(
+            f"{index_path} holds {index.bits}-bit codes; this model makes "
+            f"{', '.join(map(str, encoder.bits))}-bit codes"
         )
-        if jax.process_index() == 0:
-            index.save(index_path)
-            print(f"Wrote {len(index)} {k}-bit codes to {index_path}", flush=True)
-        return index
-    finally:
-        run.manager.close()
+    if made_by.get("fingerprint") != encoder.fingerprint:
+        raise ModelFileError(
+            f"{index_path} was encoded by model {str(made_by.get('fingerprint'))[:12]} (step "
+            f"{made_by.get('step')}), the queries by model {encoder.fingerprint[:12]} (step "
+            f"{encoder.step}): re-encode the index with this model, or search with that one"
+        )
+    if made_by.get("preprocessing") != encoder.preprocessing:
+        raise ModelFileError(
+            f"{index_path} was encoded with preprocessing {made_by.get('preprocessing')}, the "
+            f"queries with {encoder.preprocessing}"
+        )
 
 
 def search_index(
-    config: ml_collections.ConfigDict,
-    workdir: str | Path,
+    model_path: str | Path,
     index_path: str | Path,
     query: str,
     *,
     topk: int = 10,
+    step: int | None = None,
 ) -> list[dict]:
     """Encodes the query image(s) and returns, per query, its ranked `(path, distance)` list."""
     index = HashIndex.load(index_path)
-    if index.bits not in tuple(config.bits):
-        raise ValueError(
-            f"{index_path} holds {index.bits}-bit codes but this model has {tuple(config.bits)}"
-        )
-    index_config = json.loads(index.config_json)
-    if index_config.get("model", {}).get("backbone") not in (None, config.model.backbone):
-        raise ValueError(
-            f"{index_path} was made with backbone {index_config['model']['backbone']!r}, "
-            f"this config uses {config.model.backbone!r}"
-        )
-    workdir = Path(workdir)
-    run = _restored(config, workdir)
-    try:
-        source = ImageFilesSource(query)
-        codes = _encode(run, config, source)[str(index.bits)]
-    finally:
-        run.manager.close()
+    encoder = load_encoder(model_path, step)
+    check_index_encoder(index, encoder, index_path)
+    source = ImageFilesSource(query)
+    codes = encoder.encode_source(source)[str(index.bits)]
     paths, distances = index.search(codes, topk)
     return [
         {

@@ -1,13 +1,18 @@
 """Command line: `python -m fdh_jax.main --config=configs/demo.py --workdir=/tmp/fdh-demo`.
 
 Modes:
-  train   (default) train, resuming from the workdir, then evaluate
-  eval    evaluate the latest checkpoint only
-  encode  hash a split (`--split`) or an image folder (`--images`) into `--index`
+  train   (default) train, resuming from the workdir, then evaluate; needs --config
+  eval    evaluate the latest checkpoint (or --step) only; --eval_data=DIR scores a folder dataset
+  encode  hash an image folder (`--images`) or a split (`--split`) into `--index`
   search  rank `--index` for the image(s) at `--query`, print the top `--topk`
+  export  serialise the encoder into `--export_dir` (jax.export; see fdh_jax/inference.py)
+Only training needs `--config`: the other modes read the model from the workdir (config.json,
+model.json, checkpoints), which training writes and nothing else rewrites; encode and search
+also take an export directory as `--workdir`. Given to another mode, `--config` supplies the data
+and evaluation settings (e.g. a dataset that moved), never the model.
 Any config field can be overridden: `--config.model.use_gnn=False`. Expected failures (an
-invalid config, a missing dataset or checkpoint, unreadable images, a bad index file) end with
-one line on stderr and exit status 2, before any compilation.
+invalid config, a missing dataset or checkpoint, unreadable images, a bad index or export file,
+an index made by another model) end with one line on stderr and exit status 2.
 
 Several processes (hosts) join with `jax.distributed.initialize`: automatically on Cloud TPU
 and SLURM, else from `--coordinator_address/--num_processes/--process_id` or `JAX_*` variables
@@ -23,13 +28,16 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "encode", "search"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "encode", "search", "export"], "What to do.")
 flags.DEFINE_enum("split", "train", ["train", "test"], "encode: the split to hash.")
 flags.DEFINE_string("images", None, "encode: a folder of images to hash instead of a split.")
 flags.DEFINE_string("index", None, "encode: where to write the index; search: the index to use.")
 flags.DEFINE_string("query", None, "search: an image file or a folder of images.")
 flags.DEFINE_integer("topk", 10, "search: how many results per query.")
-flags.DEFINE_integer("bits", None, "encode: code length (default: the longest in config.bits).")
+flags.DEFINE_integer("bits", None, "encode: code length (default: the longest trained).")
+flags.DEFINE_integer("step", None, "eval/encode/search/export: checkpoint step (default: latest).")
+flags.DEFINE_string("eval_data", None, "eval: a folder dataset to score instead of training's.")
+flags.DEFINE_string("export_dir", None, "export: the directory to write the encoder into.")
 flags.DEFINE_string(
     "coordinator_address",
     None,
@@ -39,33 +47,49 @@ flags.DEFINE_integer(
     "num_processes", None, "Multi-process: process count (else JAX_NUM_PROCESSES)."
 )
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's id (else JAX_PROCESS_ID).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 
 
 def _run_mode() -> None:
-    from fdh_jax import indexing, train  # noqa: PLC0415 - keep --help fast
+    # Imported here: keeps --help fast, and export/encode/search never import training code.
+    mode, workdir, config, step = FLAGS.mode, FLAGS.workdir, FLAGS.config, FLAGS.step
+    if mode == "train":
+        if config is None:
+            raise app.UsageError("--mode=train needs --config=CONFIG_FILE")
+        from fdh_jax import train  # noqa: PLC0415
 
-    if FLAGS.mode == "train":
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    elif FLAGS.mode == "eval":
-        train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
-    elif FLAGS.mode == "encode":
+        train.train_and_evaluate(config, workdir)
+    elif mode == "eval":
+        from fdh_jax import evaluate  # noqa: PLC0415
+
+        evaluate.evaluate_checkpoint(workdir, config, eval_data=FLAGS.eval_data, step=step)
+    elif mode == "export":
+        if not FLAGS.export_dir:
+            raise app.UsageError("--mode=export needs --export_dir=DIR")
+        from fdh_jax import inference  # noqa: PLC0415
+
+        path = inference.export_encoder(workdir, FLAGS.export_dir, step)
+        print(f"Exported the encoder of {workdir} to {path}", flush=True)
+    elif mode == "encode":
         if not FLAGS.index:
             raise app.UsageError("--mode=encode needs --index=FILE")
+        from fdh_jax import indexing  # noqa: PLC0415
+
         indexing.encode_to_index(
-            FLAGS.config,
-            FLAGS.workdir,
+            workdir,
             FLAGS.index,
             split=FLAGS.split,
             images=FLAGS.images,
             bits=FLAGS.bits,
+            step=step,
+            config=config,
         )
     else:
         if not (FLAGS.index and FLAGS.query):
             raise app.UsageError("--mode=search needs --index=FILE and --query=IMAGE_OR_FOLDER")
-        hits = indexing.search_index(
-            FLAGS.config, FLAGS.workdir, FLAGS.index, FLAGS.query, topk=FLAGS.topk
-        )
+        from fdh_jax import indexing  # noqa: PLC0415
+
+        hits = indexing.search_index(workdir, FLAGS.index, FLAGS.query, topk=FLAGS.topk, step=step)
         print(indexing.format_search(hits), flush=True)
 
 
@@ -91,9 +115,14 @@ def main(argv):
     )
     from fdh_jax.data.decode import BadImageError, BadImagesFoundError  # noqa: PLC0415
     from fdh_jax.data.sources import DatasetNotFoundError, SplitSizeMismatchError  # noqa: PLC0415
+    from fdh_jax.inference import (  # noqa: PLC0415
+        EncoderRequestError,
+        ModelFileError,
+        NoCheckpointError,
+    )
     from fdh_jax.models.pretrained import PretrainedWeightsError  # noqa: PLC0415
     from fdh_jax.retrieval import IndexFileError  # noqa: PLC0415
-    from fdh_jax.train import NoCheckpointError, Preempted  # noqa: PLC0415
+    from fdh_jax.train import Preempted  # noqa: PLC0415
     from fdh_jax.validation import ConfigError  # noqa: PLC0415
 
     # Progress is printed by fdh_jax itself; library INFO logs (Orbax, grain) are noise here.
@@ -105,9 +134,12 @@ def main(argv):
         BadImagesFoundError,
         BadImageError,
         NoCheckpointError,
+        ModelFileError,
+        EncoderRequestError,
         IndexFileError,
         PretrainedWeightsError,
         FileNotFoundError,
+        FileExistsError,  # --export_dir holds something else
         FloatingPointError,  # a non-finite loss or gradient norm, with the step
     )
     try:

@@ -292,7 +292,7 @@ def hamming_topk(query_codes: Any, db_codes: Any, k: int) -> tuple[np.ndarray, n
 
 # ----------------------------------------------------------------------------- saved hash index
 
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2  # 2: records the encoder's identity (fingerprint, step, preprocessing)
 
 
 class IndexFileError(ValueError):
@@ -319,8 +319,11 @@ class HashIndex:
 
     codes: [N, K] int8 in {-1, +1}; labels: [N] int64 class ids (-1 when unknown);
     paths: N image paths; checkpoint: the checkpoint that encoded them; config_json: the
-    training config as JSON. Saved as one .npz (no pickle) with packed codes and a SHA-256
-    checksum; `load` refuses corrupted files, checksum mismatches and other format versions.
+    training config as JSON; encoder_json: the encoder's identity as JSON (parameter
+    fingerprint, checkpoint step, code lengths, preprocessing: `fdh_jax.inference.Encoder.
+    identity`), which a search compares with the encoder of its queries. Saved as one .npz (no
+    pickle) with packed codes and a SHA-256 checksum; `load` refuses corrupted files, checksum
+    mismatches and other format versions.
     """
 
     codes: np.ndarray
@@ -328,6 +331,7 @@ class HashIndex:
     paths: list[str]
     checkpoint: str = ""
     config_json: str = "{}"
+    encoder_json: str = "{}"
 
     def __post_init__(self) -> None:
         self.codes = as_sign_codes(self.codes, "HashIndex codes")
@@ -340,6 +344,7 @@ class HashIndex:
                 f"labels {self.labels.shape}, {len(self.paths)} paths"
             )
         json.loads(self.config_json)  # must be valid JSON
+        json.loads(self.encoder_json)
 
     @property
     def bits(self) -> int:
@@ -364,6 +369,7 @@ class HashIndex:
             "paths_json": _text_field(json.dumps(self.paths)),
             "checkpoint": _text_field(self.checkpoint),
             "config_json": _text_field(self.config_json),
+            "encoder_json": _text_field(self.encoder_json),
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -405,6 +411,7 @@ class HashIndex:
                 paths=json.loads(bytes(fields["paths_json"]).decode("utf-8")),
                 checkpoint=bytes(fields["checkpoint"]).decode("utf-8"),
                 config_json=bytes(fields["config_json"]).decode("utf-8"),
+                encoder_json=bytes(fields["encoder_json"]).decode("utf-8"),
             )
         except (KeyError, ValueError) as error:
             raise IndexFileError(f"{path}: inconsistent hash index ({error})") from error

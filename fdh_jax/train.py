@@ -23,7 +23,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax.training import train_state
 
-from fdh_jax import evaluate, parallel
+from fdh_jax import evaluate, inference, parallel
 from fdh_jax.data import load_split
 from fdh_jax.data.pipeline import iterate, train_dataset
 from fdh_jax.data.transforms import eval_transform
@@ -292,10 +292,6 @@ def total_train_steps(config: ml_collections.ConfigDict, num_database: int) -> i
     return max(1, math.ceil(config.train.num_epochs * steps_per_epoch))
 
 
-class NoCheckpointError(FileNotFoundError):
-    """`--mode=eval` on a workdir without a checkpoint."""
-
-
 class Preempted(Exception):  # noqa: N818 - it is an outcome, not a fault
     """Training stopped on a preemption notice after saving the checkpoint of `step`."""
 
@@ -363,7 +359,6 @@ def prepare_run(
     validate_config(config, jax.device_count())
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     mesh = parallel.make_mesh()
     database = load_split(config, "train", check_images=check_images)
     query = load_split(config, "test", check_images=check_images)
@@ -393,32 +388,22 @@ def prepare_run(
 
 def _evaluate_and_report(run: Run, config, workdir: Path, train_seconds: float) -> dict:
     variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
-    evaluation = evaluate.evaluate(run.model, variables, run.query, run.database, config, run.mesh)
-    results = evaluation.results | {
-        "train_seconds": round(train_seconds, 3),
-        "steps": int(run.state.step),
-    }
+    steps = int(run.state.step)
+    results = evaluate.evaluate_and_report(
+        run.model,
+        variables,
+        run.query,
+        run.database,
+        config,
+        run.mesh,
+        workdir,
+        steps=steps,
+        train_seconds=train_seconds,
+    )
     if jax.process_index() == 0:
-        evaluate.write_results(workdir, results)
-        evaluate.write_extra_metrics(workdir, evaluation)
-        evaluate.write_figures(workdir, evaluation, run.query, run.database)
         with MetricWriter(workdir, jsonl=False) as writer:
-            writer.write(results["steps"], {f"eval/mAP_{k}": v for k, v in results["mAP"].items()})
-        print(evaluate.format_table(results), flush=True)
-        report(f"Wrote {workdir / 'results.json'}, pr_curves.png and gallery.html.")
+            writer.write(steps, {f"eval/mAP_{k}": v for k, v in results["mAP"].items()})
     return results
-
-
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """`--mode=eval`: evaluates the latest checkpoint in `workdir` and writes results.json."""
-    workdir = Path(workdir)
-    run = prepare_run(config, workdir)
-    try:
-        if run.manager.latest_step() is None:
-            raise NoCheckpointError(f"no checkpoint in {workdir / 'checkpoints'}: train first")
-        return _evaluate_and_report(run, config, workdir, float(run.progress["train_seconds"]))
-    finally:
-        run.manager.close()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -438,6 +423,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         run.progress,
     )
     start_step = int(state.step)
+    if is_main:  # the workdir's record of the model (see fdh_jax/inference.py)
+        inference.record_training_run(workdir, config, run.database, resuming=start_step > 0)
     dataset = train_dataset(
         run.database,
         config,

@@ -140,7 +140,7 @@ def test_encode_then_search_finds_each_image_itself(finished_run, tmp_path):
 
     config, workdir, _ = finished_run
     index_path = tmp_path / "query_index.npz"
-    index = encode_to_index(config, workdir, index_path, split="test", bits=12)
+    index = encode_to_index(workdir, index_path, split="test", bits=12)
     loaded = HashIndex.load(index_path)
     assert loaded.bits == 12 and len(loaded) == 12
     query = load_split(config, "test")
@@ -150,7 +150,7 @@ def test_encode_then_search_finds_each_image_itself(finished_run, tmp_path):
     folder.mkdir()
     for i in (0, 5, 11):
         Image.fromarray(query[i]["image"]).save(folder / f"q{i:02d}.png")
-    hits = search_index(config, workdir, index_path, str(folder), topk=12)
+    hits = search_index(workdir, index_path, str(folder), topk=12)
     for entry, i in zip(hits, (0, 5, 11), strict=True):
         own = [hit for hit in entry["results"] if hit["path"] == query.paths[i]]
         assert own and own[0]["distance"] == 0  # the PNG round trip is lossless
@@ -166,4 +166,4 @@ def test_search_refuses_wrong_code_length(finished_run, tmp_path):
     path = tmp_path / "other.npz"
     HashIndex(codes=np.ones((2, 16), np.int8), labels=[0, 1], paths=["a", "b"]).save(path)
     with pytest.raises(ValueError, match="16-bit codes"):
-        search_index(config, workdir, path, str(tmp_path))
+        search_index(workdir, path, str(tmp_path))

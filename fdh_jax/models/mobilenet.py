@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -164,15 +163,20 @@ class DepthwiseConv(nn.Module):
             jnp.float32,
         )
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        if jax.default_backend() == "cpu":
-            return depthwise_conv_shifted(x, kernel, self.stride)
-        return lax.conv_general_dilated(
-            x,
-            kernel,
-            (self.stride, self.stride),
-            "SAME",
+        grouped = partial(
+            lax.conv_general_dilated,
+            window_strides=(self.stride, self.stride),
+            padding="SAME",
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=self.features,
+        )
+        # Chosen when lowering, per platform: an exported encoder (`jax.export` for several
+        # platforms at once) keeps the fast form for each.
+        return lax.platform_dependent(
+            x,
+            kernel,
+            cpu=partial(depthwise_conv_shifted, stride=self.stride),
+            default=grouped,
         )
 
 

@@ -1,0 +1,48 @@
+"""Files that appear whole or not at all: write a temporary file beside the target, then rename.
+
+A rename within one file system is atomic, so a reader (or a run restarted after a kill) sees
+either the previous file or the complete new one, never half of it. The temporary name carries
+the process id, so two processes writing the same target never write into one temporary file;
+the last rename wins and both results are complete.
+"""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> Path:
+    """Writes `data` to `path` through a temporary file in the same directory and a rename."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """`write_bytes_atomically` for UTF-8 text."""
+    return write_bytes_atomically(path, text.encode("utf-8"))
+
+
+def replace_directory(staging: Path, target: Path) -> None:
+    """Moves the complete directory `staging` to `target`, replacing a previous `target`.
+
+    The previous directory is first renamed aside, so at every moment `target` is either the
+    old complete directory, absent for the instant between two renames, or the new one.
+    """
+    aside = None
+    if target.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        aside.rmdir()
+        target.rename(aside)
+    staging.rename(target)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)

@@ -1,0 +1,212 @@
+"""A trained workdir on its own: encode, search, export and eval without the training setup.
+
+A frozen resnet18 (a `.safetensors` written from a PyTorch model) is trained for two steps on a
+folder dataset; then the dataset and the weights file are renamed away and every serving mode
+runs from the workdir alone, through the command line, without `--config`.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+from PIL import Image
+from test_pretrained_training import (
+    _resnet18_file,
+    pretrained_config,
+    write_folder_dataset,
+)
+
+from fdh_jax import inference
+from fdh_jax.data.sources.image_files import ImageFilesSource
+from fdh_jax.retrieval import HashIndex
+from fdh_jax.train import train_and_evaluate
+
+
+def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "fdh_jax.main", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _write_unseen_classes(root: Path) -> Path:
+    """`root/<class>/<i>.png`: 3 classes the model never saw, 4 images each."""
+    rng = np.random.default_rng(7)
+    for label, colour in enumerate([(250, 20, 200), (20, 20, 20), (128, 128, 250)]):
+        (root / f"unseen_{label}").mkdir(parents=True)
+        for index in range(4):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 30, (44, 52, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(root / f"unseen_{label}" / f"{index}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A trained workdir whose dataset and weights file have been renamed away."""
+    tmp = tmp_path_factory.mktemp("serving")
+    weights = _resnet18_file(tmp)
+    data = write_folder_dataset(tmp / "data")
+    photos = tmp / "photos"
+    photos.mkdir()
+    for name in ("class_0/0.png", "class_1/1.png", "class_3/2.png"):
+        shutil.copy(data / name, photos / name.replace("/", "_"))
+    config = pretrained_config(data, "resnet18", weights, freeze=True)
+    workdir = tmp / "run"
+    train_and_evaluate(config, workdir)
+    data.rename(tmp / "data_moved")
+    weights.rename(tmp / "weights_moved.safetensors")
+    names = ("config.json", "model.json", "results.json")
+    record = {name: (workdir / name).read_bytes() for name in names}
+    return tmp, workdir, photos, record
+
+
+def test_serving_modes_run_from_the_workdir_alone(served):
+    tmp, workdir, photos, record = served
+    index = tmp / "db.npz"
+    _cli(f"--workdir={workdir}", "--mode=encode", f"--images={photos}", f"--index={index}")
+    loaded = HashIndex.load(index)
+    assert loaded.bits == 12 and len(loaded) == 3
+    assert json.loads(loaded.encoder_json)["fingerprint"] == inference.variables_fingerprint(
+        inference.restore_encoder(workdir).variables
+    )
+
+    query = sorted(photos.iterdir())[1]
+    found = _cli(f"--workdir={workdir}", "--mode=search", f"--index={index}", f"--query={query}")
+    lines = found.stdout.splitlines()
+    assert lines[0] == f"query: {query}" and len(lines) == 4  # the top 10 of a 3-image index
+    assert any(line.endswith(f"d=  0  {query}") for line in lines[1:])  # itself, at distance 0
+
+    export = tmp / "export"
+    _cli(f"--workdir={workdir}", "--mode=export", f"--export_dir={export}")
+    manifest = json.loads((export / "export.json").read_text())
+    assert manifest["step"] == 2 and "cpu" in manifest["platforms"]
+
+    unseen = _write_unseen_classes(tmp / "unseen")
+    evaluated = _cli(f"--workdir={workdir}", "--mode=eval", f"--eval_data={unseen}")
+    assert "mAP@all" in evaluated.stdout
+    results = json.loads((workdir / "eval" / "unseen" / "results.json").read_text())
+    assert results["num_query"] + results["num_database"] == 12
+    assert results["eval_data"] == str(unseen.resolve()) and results["checkpoint_step"] == 2
+    assert all(0.0 < value <= 1.0 for value in results["mAP"].values())
+
+    for name, content in record.items():  # the training record and results stay as trained
+        assert (workdir / name).read_bytes() == content, name
+
+
+_FRESH_EXPORT_ENCODE = """
+import json, sys
+import fdh_jax
+encoder = fdh_jax.load_encoder(sys.argv[1])
+codes = encoder.encode_images(sys.argv[2:])
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("flax", "optax", "orbax", "grain"))
+models = sorted(m for m in sys.modules if m.startswith("fdh_jax.models"))
+print(json.dumps({"codes": {k: v.tolist() for k, v in codes.items()}, "loaded": loaded + models}))
+"""
+
+
+def test_export_workdir_and_encode_mode_give_identical_codes(served):
+    tmp, workdir, photos, _ = served
+    export, index = tmp / "export_codes", tmp / "codes.npz"
+    _cli(f"--workdir={workdir}", "--mode=export", f"--export_dir={export}")
+    _cli(f"--workdir={workdir}", "--mode=encode", f"--images={photos}", f"--index={index}")
+    paths = ImageFilesSource(photos).paths  # the order --mode=encode uses
+
+    fresh = subprocess.run(
+        [sys.executable, "-c", _FRESH_EXPORT_ENCODE, str(export), *paths],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    report = json.loads(fresh.stdout.strip().splitlines()[-1])
+    assert report["loaded"] == []  # no Flax, no fdh_jax.models, no training stack
+
+    from_workdir = inference.load_encoder(workdir).encode_images(paths)
+    from_export = {k: np.array(v, np.int8) for k, v in report["codes"].items()}
+    assert set(from_workdir) == set(from_export) == {"8", "12"}
+    for k in from_workdir:
+        np.testing.assert_array_equal(from_export[k], from_workdir[k])
+    np.testing.assert_array_equal(HashIndex.load(index).codes, from_workdir["12"])
+    # Arrays of any size go through the same evaluation transform as files.
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    np.testing.assert_array_equal(
+        inference.load_encoder(export).encode_images(pixels, bits=8)["8"], from_workdir["8"]
+    )
+
+
+def test_serving_failures_are_one_line(served):
+    tmp, workdir, photos, _ = served
+    foreign = tmp / "foreign.npz"
+    HashIndex(
+        codes=np.ones((2, 12), np.int8),
+        labels=[0, 1],
+        paths=["a", "b"],
+        encoder_json=json.dumps({"fingerprint": "0" * 64, "step": 9}),
+    ).save(foreign)
+    query = sorted(photos.iterdir())[0]
+    search = ("--mode=search", f"--index={foreign}", f"--query={query}")
+    refused = _cli(f"--workdir={workdir}", *search, check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1 and "encoded by model 000000000000" in refused.stderr
+
+    broken = tmp / "broken_export"
+    inference.export_encoder(workdir, broken)
+    with open(broken / "variables.npz", "r+b") as f:
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    corrupt = _cli(
+        f"--workdir={broken}", "--mode=encode", f"--images={photos}", "--index=x.npz", check=False
+    )
+    assert corrupt.returncode == 2 and corrupt.stderr.count("\n") == 1
+    assert "variables.npz does not match its checksum" in corrupt.stderr
+
+
+def test_library_errors_name_what_is_wrong(served, tmp_path):
+    tmp, workdir, photos, _ = served
+    with pytest.raises(inference.NoCheckpointError, match="no checkpoint in"):
+        inference.load_encoder(_empty_workdir(workdir, tmp_path))
+    with pytest.raises(inference.NoCheckpointError, match="steps there: 2"):
+        inference.load_encoder(workdir, step=5)
+    encoder = inference.load_encoder(workdir)
+    with pytest.raises(inference.EncoderRequestError, match="code lengths"):
+        encoder.encode_images([str(p) for p in photos.iterdir()], bits=16)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"<html>not an image</html>")
+    from fdh_jax.data.decode import BadImageError
+
+    with pytest.raises(BadImageError, match="bad.jpg"):
+        encoder.encode_images([str(bad)])
+    with pytest.raises(ValueError, match=r"uint8 \[N, H, W, 3\]"):
+        encoder.encode_images(np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(inference.ModelFileError, match="neither a training workdir"):
+        inference.load_encoder(tmp_path)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an fdh_jax export"):
+        inference.export_encoder(workdir, tmp_path / "taken")
+
+
+def _empty_workdir(workdir: Path, tmp_path: Path) -> Path:
+    """A copy of the workdir's record without checkpoints."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for name in ("config.json", "model.json"):
+        shutil.copy(workdir / name, empty / name)
+    return empty
