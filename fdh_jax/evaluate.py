@@ -243,7 +243,7 @@ def evaluate_checkpoint(
     seed with `data.test_fraction`) whose classes may be ones the model never saw; the results go
     to `workdir/eval/<folder name>/` and the training `results.json` is left alone.
     """
-    from fdh_jax.data import load_split  # noqa: PLC0415 - the data sources are heavy imports
+    from fdh_jax.data import load_splits  # noqa: PLC0415 - the data sources are heavy imports
 
     workdir = Path(workdir)
     encoder = inference.restore_encoder(workdir, step, config)
@@ -256,7 +256,8 @@ def evaluate_checkpoint(
         extra = {"eval_data": str(Path(eval_data).resolve()), "checkpoint_step": encoder.step}
     else:
         output_dir = workdir
-    database, query = load_split(config, "train"), load_split(config, "test")
+    splits = load_splits(config, ("train", "test"))
+    database, query = splits["train"], splits["test"]
     progress = inference.checkpoint_progress(workdir, encoder.step)
     return evaluate_and_report(
         encoder.model,

@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from flax.training import train_state
 
 from fdh_jax import evaluate, inference, parallel
-from fdh_jax.data import load_split
+from fdh_jax.data import load_splits
 from fdh_jax.data.pipeline import iterate, train_dataset
 from fdh_jax.data.transforms import eval_transform
 from fdh_jax.losses import total_loss
@@ -360,8 +360,8 @@ def prepare_run(
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
     mesh = parallel.make_mesh()
-    database = load_split(config, "train", check_images=check_images)
-    query = load_split(config, "test", check_images=check_images)
+    splits = load_splits(config, ("train", "test"), check_images=check_images)
+    database, query = splits["train"], splits["test"]
     total_steps = total_train_steps(config, len(database))
     model = build_model(config, database.num_classes)
     calibration = None

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ import pytest
 from fdh_jax import config_files
 
 REPO = Path(__file__).resolve().parents[1]
+# Caches (image scans, stage maps) of test runs stay out of the user's ~/.cache; child processes
+# inherit this.
+os.environ["FDH_JAX_CACHE"] = tempfile.mkdtemp(prefix="fdh_jax_test_cache_")
 
 
 def load_config(name: str):

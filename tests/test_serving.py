@@ -111,7 +111,8 @@ import json, sys
 import fdh_jax
 encoder = fdh_jax.load_encoder(sys.argv[1])
 codes = encoder.encode_images(sys.argv[2:])
-loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("flax", "optax", "orbax", "grain"))
+heavy = ("flax", "optax", "orbax", "grain", "ml_collections", "tensorflow_datasets")
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in heavy)
 models = sorted(m for m in sys.modules if m.startswith("fdh_jax.models"))
 print(json.dumps({"codes": {k: v.tolist() for k, v in codes.items()}, "loaded": loaded + models}))
 """

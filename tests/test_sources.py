@@ -125,7 +125,11 @@ def test_decode_image_refuses_when_truncated_loading_was_enabled(tmp_path, monke
 
 @pytest.mark.parametrize(
     "content, reason",
-    [(None, "file not found"), (b"", "not a recognised"), (b"hello, not an image", "not a")],
+    [
+        (None, "file not found"),
+        (b"", r"empty file \(0 bytes\)"),
+        (b"hello, not an image", "not a recognised image format"),
+    ],
 )
 def test_decode_image_bad_files(tmp_path, content, reason):
     path = tmp_path / "bad.jpg"

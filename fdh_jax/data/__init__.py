@@ -1,35 +1,30 @@
-"""Data: sources (one per dataset layout, plus the synthetic set) and the grain pipeline."""
+"""Data: sources (one per dataset layout, plus the synthetic set) and the grain pipeline.
 
-from typing import Any
+The names below are imported on first use, so that importing a light submodule
+(`fdh_jax.data.decode`, `fdh_jax.data.transforms`: NumPy and Pillow only, what a loaded export
+needs) does not import every dataset source.
+"""
 
-import ml_collections
+import importlib
 
-from fdh_jax.data.decode import apply_bad_image_policy
-from fdh_jax.data.sources import DatasetNotFoundError, make_source
-from fdh_jax.data.synthetic import SyntheticFineGrained
+_EXPORTS = {
+    "DatasetNotFoundError": "fdh_jax.data.sources",
+    "make_source": "fdh_jax.data.sources",
+    "SyntheticFineGrained": "fdh_jax.data.synthetic",
+    "load_split": "fdh_jax.data.splits",
+    "load_splits": "fdh_jax.data.splits",
+}
 
-__all__ = ["DatasetNotFoundError", "SyntheticFineGrained", "load_split", "make_source"]
+__all__ = sorted(_EXPORTS)
 
 
-def load_split(config: ml_collections.ConfigDict, split: str, *, check_images: bool = True) -> Any:
-    """The source of `split` ("train" = database, "test" = query) that `config.data` describes.
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fdh_jax.data' has no attribute {name!r}")
 
-    Real datasets are scanned for unreadable images first and handled per `data.bad_images`.
-    """
-    data = config.data
-    if data.name == "synthetic":
-        syn = data.synthetic
-        return SyntheticFineGrained(
-            split,
-            num_classes=syn.num_classes,
-            train_per_class=syn.train_per_class,
-            test_per_class=syn.test_per_class,
-            image_size=syn.image_size,
-            seed=config.seed,
-        )
-    source = make_source(
-        data.name, data.root, split, seed=config.seed, test_fraction=data.test_fraction
-    )
-    if check_images:
-        source = apply_bad_image_policy(source, data.bad_images)
-    return source
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

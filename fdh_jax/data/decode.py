@@ -18,33 +18,50 @@
   fine-grained datasets almost no file carries a non-trivial one, so results stay comparable;
 - animated GIF/WebP: the first frame.
 
-Unreadable files (missing, empty, not an image, truncated, decompression bombs, undecodable modes)
-raise `BadImageError(path, reason)`. Truncated JPEGs are never filled with grey: decoding relies on
-Pillow's default `ImageFile.LOAD_TRUNCATED_IMAGES = False` and forces the full decode with
-`.load()`; `decode_image` refuses to run if some other code switched that flag on.
+Unreadable files raise `BadImageError(path, reason)`: missing, empty (0 bytes), not a regular
+file (a FIFO named `.jpg` would block a plain `open` forever, so files are opened non-blocking
+and checked with `fstat` first), a dangling symbolic link or a link loop, no read permission, not
+an image (an HTML page saved as `.jpg` is named as such; EPS is refused, as Pillow would run
+Ghostscript on it), truncated, a decompression bomb, or an undecodable mode.
+
+Decompression bombs are refused by `MAX_PIXELS` from the header alone, before any pixel is
+allocated, whatever `PIL.Image.MAX_IMAGE_PIXELS` says; so the memory of one decode is bounded by
+a fixed multiple of `MAX_PIXELS` (Pillow's 4-byte pixels, a converted copy or two, the 3-byte
+array), and a scan runs at most `max_workers` decodes at once. Truncated JPEGs are never filled
+with grey: decoding relies on Pillow's default `ImageFile.LOAD_TRUNCATED_IMAGES = False` and
+forces the full decode with `.load()`; `decode_image` refuses to run if some other code switched
+that flag on.
 
 `find_bad_images` decodes every item of a source (in threads; Pillow releases the GIL while
 decoding) and returns the unreadable ones; `apply_bad_image_policy` implements
-`config.data.bad_images` ("error": stop with the count and the first paths, "skip": drop them).
+`config.data.bad_images` for one source ("error": stop and list every bad file, "skip": drop
+them). `fdh_jax.data.image_scan.scan_splits` does the same for both splits at once, with a cache.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import errno
+import functools
 import io
 import os
+import stat
 import struct
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 BAD_IMAGE_POLICIES = ("error", "skip")
-_SHOWN_BAD_PATHS = 10  # how many bad paths an error message lists
+# Pillow's own default MAX_IMAGE_PIXELS (~89.5 megapixels): above any camera photo (a 48 MP phone
+# photo is about half), far below a bomb. Pillow only *raises* at twice its limit and its limit
+# can be switched off globally, hence a limit of our own.
+MAX_PIXELS = 89_478_485
+_SHOWN_SKIPPED_PATHS = 10  # how many paths the "skip" warning of one source names
 
 
 class BadImageError(Exception):
@@ -66,18 +83,49 @@ class BadImage(NamedTuple):
     reason: str
 
 
-class BadImagesFoundError(RuntimeError):
-    """Raised by `apply_bad_image_policy` under the "error" policy."""
+_FIX_OR_SKIP = "fix or remove them, or set --config.data.bad_images=skip to train without them"
 
-    def __init__(self, source_description: str, bad_images: Sequence[BadImage]):
-        self.bad_images = list(bad_images)
-        shown = "\n".join(f"  {b.path}: {b.reason}" for b in self.bad_images[:_SHOWN_BAD_PATHS])
-        more = len(self.bad_images) - _SHOWN_BAD_PATHS
-        more_line = f"\n  ... and {more} more" if more > 0 else ""
-        super().__init__(
-            f"{len(self.bad_images)} unreadable image(s) in {source_description}:\n{shown}"
-            f"{more_line}\nFix or remove them, or set --config.data.bad_images=skip to drop them."
+
+class BadImagesFoundError(RuntimeError):
+    """Unreadable images found under the "error" policy: the message lists every one of them.
+
+    Every bad file is listed (not the first few), so one run tells the whole clean-up job; the
+    count and the way out are on the first line for when the list is long.
+
+    Args:
+      source_description: what was scanned, e.g. "folder/train" or "folder".
+      bad_images: the bad images, or `{split: bad images}` to list them split by split.
+      advice: what to do about them (the end of the first line).
+    """
+
+    def __init__(
+        self,
+        source_description: str,
+        bad_images: Sequence[BadImage] | Mapping[str, Sequence[BadImage]],
+        advice: str = _FIX_OR_SKIP,
+    ):
+        self.source_description = source_description
+        self.advice = advice
+        if isinstance(bad_images, Mapping):
+            self.bad_by_split = {split: list(bad) for split, bad in bad_images.items()}
+        else:
+            self.bad_by_split = {"": list(bad_images)}
+        self.bad_images = [bad for split_bad in self.bad_by_split.values() for bad in split_bad]
+        counts = ", ".join(
+            f"{split}: {len(bad)}" for split, bad in self.bad_by_split.items() if split
         )
+        lines = [
+            f"{len(self.bad_images)} unreadable image(s) in {source_description}"
+            + (f" ({counts})" if counts else "")
+            + f"; {advice}:"
+        ]
+        for split, split_bad in self.bad_by_split.items():
+            prefix = f"{split}: " if split else ""
+            lines.extend(f"  {prefix}{bad.path}: {bad.reason}" for bad in split_bad)
+        super().__init__("\n".join(lines))
+
+    def __reduce__(self):  # picklable with both fields, like BadImageError
+        return (type(self), (self.source_description, self.bad_by_split, self.advice))
 
 
 # ---------------------------------------------------------------------------- decoding
@@ -105,38 +153,83 @@ def _image_to_rgb_array(image: Image.Image) -> np.ndarray:
     return rgb
 
 
-def decode_image(
-    path_or_bytes: str | os.PathLike | bytes,
-    *,
-    name: str | None = None,
-    apply_exif_orientation: bool = True,
-) -> np.ndarray:
-    """Decodes one image file (or its bytes) to RGB.
+def os_error_reason(error: OSError, path: str | None = None) -> str:
+    """A short reason for an error of `open`/`stat`/`scandir` on `path` (links named as such)."""
+    if error.errno == errno.ELOOP:
+        return "symbolic link loop"
+    if isinstance(error, FileNotFoundError):
+        if path is not None and os.path.islink(path):
+            try:
+                return f"dangling symbolic link (-> {os.readlink(path)})"
+            except OSError:  # replaced meanwhile: still a link that led nowhere
+                return "dangling symbolic link"
+        return "file not found"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    return f"{type(error).__name__}: {error.strerror or error}"
 
-    Args:
-      path_or_bytes: a file path, or the encoded bytes of an image.
-      name: what to call the image in errors (defaults to the path, or "<N bytes>").
-      apply_exif_orientation: rotate/flip as the EXIF orientation tag says.
 
-    Returns:
-      image: `uint8 [H, W, 3]` RGB, C-contiguous.
+def _open_regular_file(path: str, label: str) -> io.BufferedReader:
+    """Opens `path` for reading if it is a non-empty regular file, else raises BadImageError.
 
-    Raises:
-      BadImageError: the file is missing, empty, not an image, truncated or undecodable.
+    O_NONBLOCK makes opening a FIFO or a device return at once instead of waiting for a writer;
+    `fstat` on the open descriptor then refuses it (no window between a check and the open).
     """
-    if ImageFile.LOAD_TRUNCATED_IMAGES:
-        raise RuntimeError(
-            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True somewhere in this process: truncated "
-            "images would be silently filled with grey. Set it back to False."
-        )
-    if isinstance(path_or_bytes, bytes | bytearray | memoryview):
-        label = name or f"<{len(path_or_bytes)} bytes>"
-        opener: Any = io.BytesIO(path_or_bytes)
-    else:
-        label = name or os.fspath(path_or_bytes)
-        opener = path_or_bytes
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        with Image.open(opener) as image:
+        descriptor = os.open(path, flags)
+    except OSError as error:
+        raise BadImageError(label, os_error_reason(error, path)) from None
+    try:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            kind = "a directory" if stat.S_ISDIR(status.st_mode) else "a FIFO, socket or device"
+            raise BadImageError(label, f"not a regular file ({kind})")
+        if status.st_size == 0:
+            raise BadImageError(label, "empty file (0 bytes)")
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+# Formats Pillow opens that decoding refuses: Pillow "decodes" EPS by running Ghostscript on the
+# file (where installed), and a PostScript program can loop forever; no dataset ships EPS photos.
+_REFUSED_FORMATS = frozenset({"EPS"})
+
+
+@functools.cache
+def _decodable_formats() -> tuple[str, ...]:
+    Image.init()  # registers every plugin, so Image.OPEN is complete
+    return tuple(name for name in Image.OPEN if name not in _REFUSED_FORMATS)
+
+
+def _unrecognised_reason(head: bytes) -> str:
+    """Why bytes that no Pillow plugin accepts are not an image, from their first bytes."""
+    start = head.lstrip().lower()
+    if start.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in start:
+        return "not an image: an HTML page (a saved web page or a download error?)"
+    if start.startswith((b"<?xml", b"<svg")):
+        return "not a supported image: XML/SVG"
+    if start.startswith(b"%!ps") or head.startswith(b"\xc5\xd0\xd3\xc6"):
+        return "not a supported image: PostScript/EPS (refused: decoding would run it)"
+    return "not a recognised image format"
+
+
+def _decode_open_file(
+    file: Any, label: str, apply_exif_orientation: bool, max_pixels: int | None
+) -> np.ndarray:
+    """Decodes an open binary file to RGB; every failure becomes BadImageError(label, reason)."""
+    try:
+        with Image.open(file, formats=_decodable_formats()) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                # Image.open read the header only: nothing of the image is allocated yet.
+                raise BadImageError(
+                    label,
+                    f"decompression bomb: {width}x{height} = {width * height:,} pixels, over "
+                    f"the limit of {max_pixels:,} (refused before decoding)",
+                )
             image.load()
             if image.width == 0 or image.height == 0:
                 raise BadImageError(label, f"empty image ({image.width}x{image.height})")
@@ -146,16 +239,67 @@ def decode_image(
             return np.ascontiguousarray(_image_to_rgb_array(image))
     except BadImageError:
         raise
-    except FileNotFoundError:
-        raise BadImageError(label, "file not found") from None
     except UnidentifiedImageError:
-        raise BadImageError(label, "not a recognised image format") from None
-    except Image.DecompressionBombError as error:
+        file.seek(0)
+        raise BadImageError(label, _unrecognised_reason(file.read(512))) from None
+    except Image.DecompressionBombError as error:  # Pillow's own limit, if lower than ours
         raise BadImageError(label, f"decompression bomb: {error}") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as error:
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        EOFError,
+        struct.error,
+        # Malformed headers reach these in some Pillow plugins (Pillow's own fuzz tests accept
+        # them); a scan must report the file, not crash on it.
+        IndexError,
+        KeyError,
+        TypeError,
+        ZeroDivisionError,
+    ) as error:
         # Pillow reports truncation as OSError("image file is truncated ..."), corrupt data as
         # OSError / SyntaxError / ValueError, and unconvertible modes as ValueError.
         raise BadImageError(label, f"{type(error).__name__}: {error}") from None
+
+
+def decode_image(
+    path_or_bytes: str | os.PathLike | bytes,
+    *,
+    name: str | None = None,
+    apply_exif_orientation: bool = True,
+    max_pixels: int | None = MAX_PIXELS,
+) -> np.ndarray:
+    """Decodes one image file (or its bytes) to RGB.
+
+    Args:
+      path_or_bytes: a file path, or the encoded bytes of an image.
+      name: what to call the image in errors (defaults to the path, or "<N bytes>").
+      apply_exif_orientation: rotate/flip as the EXIF orientation tag says.
+      max_pixels: refuse images with more pixels (width x height, read from the header before
+        decoding); None for no limit of our own (Pillow's global one still applies).
+
+    Returns:
+      image: `uint8 [H, W, 3]` RGB, C-contiguous.
+
+    Raises:
+      BadImageError: the file cannot be read or decoded (see the module docstring for why).
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True somewhere in this process: truncated "
+            "images would be silently filled with grey. Set it back to False."
+        )
+    if isinstance(path_or_bytes, bytes | bytearray | memoryview):
+        label = name or f"<{len(path_or_bytes)} bytes>"
+        if len(path_or_bytes) == 0:
+            raise BadImageError(label, "empty file (0 bytes)")
+        return _decode_open_file(
+            io.BytesIO(path_or_bytes), label, apply_exif_orientation, max_pixels
+        )
+    path = os.fspath(path_or_bytes)
+    label = name or path
+    with _open_regular_file(path, label) as file:
+        return _decode_open_file(file, label, apply_exif_orientation, max_pixels)
 
 
 # ---------------------------------------------------------------------------- scanning
@@ -195,7 +339,30 @@ def find_bad_images(
     Returns:
       bad_images: `BadImage(path, reason)` in index order; empty when all decode.
     """
-    total = len(source)
+    bad = find_bad_items(
+        source,
+        range(len(source)),
+        max_workers=max_workers,
+        progress=progress,
+        progress_every_s=progress_every_s,
+    )
+    return [bad[i] for i in sorted(bad)]
+
+
+def find_bad_items(
+    source: Any,
+    indices: Sequence[int],
+    *,
+    max_workers: int | None = None,
+    progress: Callable[[int, int, int, float], None] | None = _default_progress,
+    progress_every_s: float = 10.0,
+) -> dict[int, BadImage]:
+    """`find_bad_images` over the items `indices` only (one process's share of a scan).
+
+    Returns:
+      `{index: BadImage}` for the items of `indices` that cannot be decoded.
+    """
+    total = len(indices)
     if max_workers is None:
         max_workers = min(32, 2 * (os.cpu_count() or 1))
 
@@ -213,8 +380,8 @@ def find_bad_images(
         # Submit in chunks so a huge source does not hold a million futures at once.
         chunk = 4096
         for chunk_start in range(0, total, chunk):
-            indices = range(chunk_start, min(total, chunk_start + chunk))
-            for index, result in zip(indices, pool.map(check, indices), strict=True):
+            chunk_indices = [int(i) for i in indices[chunk_start : chunk_start + chunk]]
+            for index, result in zip(chunk_indices, pool.map(check, chunk_indices), strict=True):
                 done += 1
                 if result is not None:
                     bad[index] = result
@@ -224,7 +391,7 @@ def find_bad_images(
                     last_report = now
     if progress is not None and last_report != start:
         progress(done, total, len(bad), time.monotonic() - start)
-    return [bad[i] for i in sorted(bad)]
+    return bad
 
 
 class SubsetSource:
@@ -284,7 +451,7 @@ def apply_bad_image_policy(
 
     Args:
       source: a source.
-      policy: "error" raises `BadImagesFoundError` (count + first paths) if any image is
+      policy: "error" raises `BadImagesFoundError` (listing every one) if any image is
         unreadable; "skip" returns the source without them (and warns with the count).
       max_workers, progress: as in `find_bad_images`.
 
@@ -299,10 +466,10 @@ def apply_bad_image_policy(
     description = f"{getattr(source, 'name', '?')}/{getattr(source, 'split', '?')}"
     if policy == "error":
         raise BadImagesFoundError(description, bad)
-    shown = ", ".join(b.path for b in bad[:_SHOWN_BAD_PATHS])
+    shown = ", ".join(b.path for b in bad[:_SHOWN_SKIPPED_PATHS])
     warnings.warn(
         f"skipping {len(bad)} unreadable image(s) in {description}: {shown}"
-        + (" ..." if len(bad) > _SHOWN_BAD_PATHS else ""),
+        + (" ..." if len(bad) > _SHOWN_SKIPPED_PATHS else ""),
         stacklevel=2,
     )
     return without_images(source, bad)

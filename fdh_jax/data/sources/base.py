@@ -4,7 +4,10 @@ A source (the contract the grain pipeline relies on) is an object with `__len__`
 `__getitem__(i) -> {"image": uint8 [H, W, 3] RGB, "label": int, "path": str}` and the attributes
 `labels: int32 [N]`, `paths: list[str]`, `class_names: list[str]`, `num_classes: int`,
 `name: str`, `split: str` ("train" = database, "test" = query). Constructing one reads only list
-files; images are decoded lazily in `__getitem__`.
+files; images are decoded lazily in `__getitem__`. A source may also have
+`listing_errors: Sequence[BadImage]`: entries that could not even be listed (an unreadable class
+folder, a link loop where a folder was expected); the bad-image scan reports them with the
+undecodable files.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fdh_jax.data.decode import decode_image
+from fdh_jax.data.decode import BadImage, decode_image
 
 SPLITS = ("train", "test")
 
@@ -115,7 +118,11 @@ class ImageListSource:
       num_classes, name, split: see the module docstring.
       image_transform: optional `uint8 [H, W, 3] -> uint8 [H', W', 3]` applied after decoding
         (e.g. the Aircraft copyright-banner crop); must be a picklable top-level function.
+      listing_errors: entries that could not be listed (see the module docstring); none here,
+        subclasses that walk folders fill it.
     """
+
+    listing_errors: Sequence[BadImage] = ()
 
     def __init__(
         self,

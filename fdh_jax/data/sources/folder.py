@@ -5,14 +5,20 @@ Layout searched, in this order:
     DIR/images/<class>/<file>     (if DIR/images/ holds at least one class folder)
     DIR/<class>/<file>
 
-Only files directly inside a class folder count; names starting with "." are ignored; image
-extensions are jpg, jpeg, png, bmp, webp, gif in any case. Class index = position of the class
-folder name in sorted (code-point) order.
+Only entries directly inside a class folder count; names starting with "." are ignored; image
+extensions are jpg, jpeg, png, bmp, webp, gif in any case. Every entry with an image extension
+that is not a directory is an image, including dangling symbolic links, link loops and special
+files: they then fail to decode and the bad-image scan (`data.bad_images`) names them, instead of
+vanishing from the dataset unseen. A class folder that cannot be listed (no permission, a link
+loop) is not a traceback either: it lands in `listing_errors`, which the scan reports with the bad
+files. Class index = position of the class folder name in sorted (code-point) order.
 
 Split:
 - if `DIR/split.csv` exists (header `path,split`; `path` relative to DIR, e.g.
   `images/Blue_Jay/0001.jpg`; `split` in {train, test}) it decides: listed files only, each at most
-  once, each must exist inside a class folder. The classes are those of the listed files.
+  once, each must exist inside a class folder (a listed path with nothing there is a
+  `DatasetNotFoundError`; one that is there but unreadable is a bad image). The classes are those
+  of the listed files; folders are not listed, so `listing_errors` stays empty.
 - otherwise each class is split on its own: its files in sorted order are permuted with a
   generator seeded by `(seed, crc32(class name))`, and the first `round(test_fraction * n)`
   (at most n - 1, so every class keeps a train image) are the test split. The split of one class
@@ -23,11 +29,13 @@ from __future__ import annotations
 
 import csv
 import os
+import stat
 import zlib
 from pathlib import Path
 
 import numpy as np
 
+from fdh_jax.data.decode import BadImage, os_error_reason
 from fdh_jax.data.sources.base import (
     DatasetNotFoundError,
     ImageListSource,
@@ -46,25 +54,56 @@ _LAYOUT = """\
 _HOW_TO_GET = "any folder of your own images, one sub-folder per class"
 
 
-def _is_image_file(entry: os.DirEntry) -> bool:
-    return (
-        not entry.name.startswith(".")
-        and entry.is_file()
-        and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
-    )
+def _is_image_entry(entry: os.DirEntry) -> bool:
+    """An entry with an image extension that is not a directory (see the module docstring)."""
+    if (
+        entry.name.startswith(".")
+        or os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS
+    ):
+        return False
+    try:
+        return not entry.is_dir()
+    except OSError:  # a link loop: listed, so that decoding reports it
+        return True
 
 
 def _class_folder_files(class_dir: Path) -> list[str]:
-    """Sorted image file names directly inside one class folder."""
+    """Sorted image entry names directly inside one class folder (OSError if unlistable)."""
     with os.scandir(class_dir) as entries:
-        return sorted(entry.name for entry in entries if _is_image_file(entry))
+        return sorted(entry.name for entry in entries if _is_image_entry(entry))
+
+
+def list_class_folders(directory: Path) -> tuple[dict[str, list[str]], list[BadImage]]:
+    """The class folders of `directory` with their image entries, and what could not be listed.
+
+    Returns:
+      classes: `{class name: sorted image entry names}` in sorted class order, only classes with
+        at least one image entry.
+      listing_errors: `BadImage(path, reason)` for each entry that may be a class folder but
+        could not be listed: a link loop, a folder without read permission. Dangling links and
+        plain files at this level are not class folders and are ignored, as they always were.
+    """
+    with os.scandir(directory) as entries:
+        names = sorted(entry.name for entry in entries if not entry.name.startswith("."))
+    classes: dict[str, list[str]] = {}
+    errors: list[BadImage] = []
+    for name in names:
+        path = directory / name
+        try:
+            files = _class_folder_files(path) if stat.S_ISDIR(os.stat(path).st_mode) else []
+        except FileNotFoundError:  # a dangling link (or removed meanwhile): not a folder
+            continue
+        except OSError as error:  # a link loop, or a folder that cannot be read
+            errors.append(BadImage(str(path), f"cannot list folder: {os_error_reason(error)}"))
+            continue
+        if files:
+            classes[name] = files
+    return classes, errors
 
 
 def _class_folders(directory: Path) -> list[str]:
-    """Sorted names of sub-folders of `directory` that hold at least one image file."""
-    with os.scandir(directory) as entries:
-        candidates = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
-    return [name for name in candidates if _class_folder_files(directory / name)]
+    """Sorted names of sub-folders of `directory` that hold at least one image entry."""
+    return list(list_class_folders(directory)[0])
 
 
 def find_images_directory(root: Path) -> Path:
@@ -72,11 +111,31 @@ def find_images_directory(root: Path) -> Path:
     if not root.is_dir():
         raise DatasetNotFoundError("folder", root, _LAYOUT, _HOW_TO_GET)
     nested = root / "images"
-    if nested.is_dir() and _class_folders(nested):
-        return nested
-    if _class_folders(root):
-        return root
+    try:
+        if nested.is_dir() and _class_folders(nested):
+            return nested
+        if _class_folders(root):
+            return root
+    except OSError as error:  # the dataset folder itself cannot be listed
+        raise DatasetNotFoundError(
+            "folder", f"{error.filename or root} ({os_error_reason(error)})", _LAYOUT, _HOW_TO_GET
+        ) from None
     raise DatasetNotFoundError("folder", root / "<class>" / "<image file>", _LAYOUT, _HOW_TO_GET)
+
+
+def _something_at(path: Path) -> bool:
+    """Whether `path` names a directory entry at all, even a broken or unreadable one.
+
+    A listed file that is there but unreadable (a dangling link, no permission) is a bad image
+    the scan names with its reason; only a path with nothing there is a missing file.
+    """
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:  # e.g. a folder on the way without search permission: there, unreadable
+        return True
+    return True
 
 
 def seeded_test_mask(num_images: int, class_name: str, seed: int, test_fraction: float):
@@ -155,11 +214,11 @@ class FolderSource(ImageListSource):
     def _seeded_split(
         self, images_dir: Path, split: str, seed: int, test_fraction: float
     ) -> tuple[list[str], list[str], list[str]]:
-        class_names = _class_folders(images_dir)
+        files_of_class, self.listing_errors = list_class_folders(images_dir)
+        class_names = list(files_of_class)
         paths: list[str] = []
         classes: list[str] = []
-        for class_name in class_names:
-            files = _class_folder_files(images_dir / class_name)
+        for class_name, files in files_of_class.items():
             is_test = seeded_test_mask(len(files), class_name, seed, test_fraction)
             for file_name, test in zip(files, is_test, strict=True):
                 if test == (split == "test"):
@@ -189,7 +248,7 @@ class FolderSource(ImageListSource):
             if row_split != split:
                 continue
             path = self.root / relative_path
-            if not path.is_file():
+            if not _something_at(path):
                 missing.append(str(path))
             paths.append(str(path))
             classes.append(class_name)

@@ -12,7 +12,8 @@ class ImageFilesSource:
     """A source over image files without classes (`labels` are all -1).
 
     Args:
-      path: one image file, or a folder whose image files (any depth, sorted) are used.
+      path: one image file, or a folder whose image entries (any depth, sorted; every name with an
+        image extension that is not a folder) are used.
     """
 
     def __init__(self, path: str | Path):
@@ -20,8 +21,12 @@ class ImageFilesSource:
         if path.is_file():
             files = [path]
         elif path.is_dir():
+            # Not `is_file()`: a dangling link or a link loop named .jpg is kept, so decoding
+            # names it (BadImageError) instead of the query silently losing an image.
             files = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                p
+                for p in path.rglob("*")
+                if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()
             )
         else:
             raise FileNotFoundError(f"no image file or folder at {path.resolve()}")

@@ -1,0 +1,72 @@
+"""Opening a dataset's splits as `config.data` describes them, scanned for unreadable images."""
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+from fdh_jax.data.image_scan import scan_splits
+from fdh_jax.data.sources import make_source
+from fdh_jax.data.synthetic import SyntheticFineGrained
+
+
+def load_splits(
+    config: ml_collections.ConfigDict,
+    splits: Sequence[str] = ("train", "test"),
+    *,
+    check_images: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """The sources of `splits` ("train" = database, "test" = query) that `config.data` describes.
+
+    Real datasets are scanned for unreadable images first, all splits together, and handled per
+    `data.bad_images`: under "error" one `BadImagesFoundError` lists the bad files of every split.
+    The scan is cached (see `fdh_jax.data.image_scan`), so a restart does not decode again.
+
+    Args:
+      config: the run's config (`data.*` and `seed` are read).
+      splits: which splits to open, in order.
+      check_images: False to skip the scan (encode/search report a bad image when they meet it).
+      cache_dir: where the scan is cached (default `image_scan.default_cache_dir()`).
+
+    Returns:
+      `{split: source}` in the order of `splits`.
+    """
+    data = config.data
+    if data.name == "synthetic":
+        syn = data.synthetic
+        return {
+            split: SyntheticFineGrained(
+                split,
+                num_classes=syn.num_classes,
+                train_per_class=syn.train_per_class,
+                test_per_class=syn.test_per_class,
+                image_size=syn.image_size,
+                seed=config.seed,
+            )
+            for split in splits
+        }
+    sources = {
+        split: make_source(
+            data.name, data.root, split, seed=config.seed, test_fraction=data.test_fraction
+        )
+        for split in splits
+    }
+    if check_images:
+        sources = scan_splits(sources, data.bad_images, cache_dir=cache_dir)
+    return sources
+
+
+def load_split(
+    config: ml_collections.ConfigDict,
+    split: str,
+    *,
+    check_images: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+) -> Any:
+    """The source of one split: `load_splits(config, (split,), ...)[split]`.
+
+    Prefer `load_splits` for both splits: its "error" lists the bad files of both at once.
+    """
+    return load_splits(config, (split,), check_images=check_images, cache_dir=cache_dir)[split]
