@@ -10,7 +10,6 @@ training config and the encoder's identity (parameter fingerprint, checkpoint st
 preprocessing); a search refuses an index made by another encoder, naming both.
 """
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from fdh_jax.data.sources.image_files import ImageFilesSource
-from fdh_jax.inference import Encoder, EncoderRequestError, ModelFileError, load_encoder
+from fdh_jax.inference import Encoder, EncoderRequestError, load_encoder
 from fdh_jax.retrieval import HashIndex
 
 
@@ -59,40 +58,11 @@ def encode_to_index(
     k = _bits(encoder, bits)
     source = ImageFilesSource(images) if images else _split_source(encoder, split, config)
     codes = encoder.encode_source(source)[k]
-    index = HashIndex(
-        codes=codes,
-        labels=np.asarray(source.labels, np.int64),
-        paths=list(source.paths),
-        checkpoint=f"{Path(model_path).absolute()} step {encoder.step}",
-        config_json=json.dumps(encoder.training_config),
-        encoder_json=json.dumps(encoder.identity | {"bits": int(k)}),
-    )
+    index = encoder.index_codes(codes, source.paths, np.asarray(source.labels, np.int64))
     if jax.process_index() == 0:
         index.save(index_path)
         print(f"Wrote {len(index)} {k}-bit codes to {index_path}", flush=True)
     return index
-
-
-def check_index_encoder(index: HashIndex, encoder: Encoder, index_path: str | Path) -> None:
-    """Raises `ModelFileError` (one line, both sides named) unless `encoder` made the index's
-    codes: same parameters, a code length it produces, the same preprocessing."""
-    made_by = json.loads(index.encoder_json)
-    if index.bits not in encoder.bits:
-        raise ModelFileError(
-            f"{index_path} holds {index.bits}-bit codes; this model makes "
-            f"{', '.join(map(str, encoder.bits))}-bit codes"
-        )
-    if made_by.get("fingerprint") != encoder.fingerprint:
-        raise ModelFileError(
-            f"{index_path} was encoded by model {str(made_by.get('fingerprint'))[:12]} (step "
-            f"{made_by.get('step')}), the queries by model {encoder.fingerprint[:12]} (step "
-            f"{encoder.step}): re-encode the index with this model, or search with that one"
-        )
-    if made_by.get("preprocessing") != encoder.preprocessing:
-        raise ModelFileError(
-            f"{index_path} was encoded with preprocessing {made_by.get('preprocessing')}, the "
-            f"queries with {encoder.preprocessing}"
-        )
 
 
 def search_index(
@@ -106,7 +76,7 @@ def search_index(
     """Encodes the query image(s) and returns, per query, its ranked `(path, distance)` list."""
     index = HashIndex.load(index_path)
     encoder = load_encoder(model_path, step)
-    check_index_encoder(index, encoder, index_path)
+    encoder.check_index(index, str(index_path))
     source = ImageFilesSource(query)
     codes = encoder.encode_source(source)[str(index.bits)]
     paths, distances = index.search(codes, topk)

@@ -36,7 +36,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -373,6 +373,56 @@ class Encoder:
     def encode_source(self, source: Any) -> dict[str, np.ndarray]:
         """Codes of every item of a source (items with a uint8 `"image"`), in source order."""
         raise NotImplementedError
+
+    def build_index(self, paths: Any, bits: int | None = None, labels: Any = None):
+        """A `fdh_jax.retrieval.HashIndex` of the images at `paths`, `bits`-bit codes (default:
+        the longest), that remembers this encoder (see `identity`)."""
+        paths = [os.fspath(p) for p in paths]
+        k = str(max(self.bits) if bits is None else bits)
+        return self.index_codes(self.encode_images(paths, int(k))[k], paths, labels)
+
+    def index_codes(self, codes: np.ndarray, paths: Sequence[str], labels: Any = None):
+        """A `HashIndex` of codes this encoder made (`[N, K]`), with their paths and labels."""
+        from fdh_jax.retrieval import HashIndex  # noqa: PLC0415
+
+        bits = int(np.shape(codes)[1])
+        return HashIndex(
+            codes=codes,
+            labels=np.full(len(paths), -1) if labels is None else labels,
+            paths=list(paths),
+            checkpoint=f"step {self.step}",
+            config_json=json.dumps(self.training_config),
+            encoder_json=json.dumps(self.identity | {"bits": bits}),
+        )
+
+    def check_index(self, index: Any, name: str = "the index") -> None:
+        """Raises `ModelFileError` (one line naming both sides) unless this encoder made the
+        index's codes: the same parameters, one of its code lengths, the same preprocessing."""
+        made_by = json.loads(index.encoder_json)
+        if index.bits not in self.bits:
+            raise ModelFileError(
+                f"{name} holds {index.bits}-bit codes; this model makes "
+                f"{', '.join(map(str, self.bits))}-bit codes"
+            )
+        if made_by.get("fingerprint") != self.fingerprint:
+            raise ModelFileError(
+                f"{name} was encoded by model {str(made_by.get('fingerprint'))[:12]} (step "
+                f"{made_by.get('step')}), the queries by model {self.fingerprint[:12]} (step "
+                f"{self.step}): re-encode the index with this model, or search with that one"
+            )
+        if made_by.get("preprocessing") != self.preprocessing:
+            raise ModelFileError(
+                f"{name} was encoded with preprocessing {made_by.get('preprocessing')}, the "
+                f"queries with {self.preprocessing}"
+            )
+
+    def search(self, index: Any, queries: Any, k: int = 10) -> tuple[list[list[str]], np.ndarray]:
+        """Encodes `queries` (as `encode_images` takes them) and searches `index`, which this
+        encoder must have made (`check_index`). Returns (paths `Q x k`, distances `[Q, k]`),
+        nearest first, ties by index order."""
+        self.check_index(index)
+        codes = self.encode_images(queries, index.bits)[str(index.bits)]
+        return index.search(codes, k)
 
 
 class WorkdirEncoder(Encoder):

@@ -7,6 +7,7 @@ runs from the workdir alone, through the command line, without `--config`.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -211,3 +212,24 @@ def _empty_workdir(workdir: Path, tmp_path: Path) -> Path:
     for name in ("config.json", "model.json"):
         shutil.copy(workdir / name, empty / name)
     return empty
+
+
+def test_readme_trained_model_example_runs(served, tmp_path, monkeypatch, capsys):
+    tmp, workdir, photos, _ = served
+    export = tmp_path / "encoder"
+    inference.export_encoder(workdir, export)
+    jpegs = tmp_path / "jpegs"
+    jpegs.mkdir()
+    for path in sorted(photos.iterdir()):
+        Image.open(path).convert("RGB").save(jpegs / f"{path.stem}.jpg", quality=95)
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Use a trained model") :]
+    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    example = example.replace('"/tmp/cub100_encoder"', repr(str(export)))
+    example = example.replace('Path("~/photos")', f"Path({str(jpegs)!r})")
+    example = example.replace('"/tmp/photos.npz"', repr(str(tmp_path / "photos.npz")))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, "README.md", "exec"), {})
+    first = sorted(str(p) for p in jpegs.glob("*.jpg"))[0]
+    assert capsys.readouterr().out.strip() == f"(8, 12) bits: {first} at distance 0"
+    assert len(HashIndex.load(tmp_path / "photos.npz")) == 3
