@@ -9,6 +9,9 @@ that). Use it to size a run before launching it.
   python benchmarks/train_step.py --set model.backbone=mobilenet_v2 --set data.image_size=160 \
       --set model.pretrained=/path/mobilenet_v2_1.0_224_ptq.tflite
 
+`--cached` times the step on precomputed float16 stage maps instead of images: what a frozen
+backbone's run does with the feature cache (`fdh_jax/feature_cache.py`).
+
 `--set FIELD=VALUE` takes any config field; VALUE is a Python literal (`True`, `256`, `(32,)`) or
 else a string. Weights (`model.pretrained`) only change the numbers where they change the
 program (a frozen or calibrated MobileNetV2 computes the same shapes either way).
@@ -25,6 +28,7 @@ import numpy as np
 
 from fdh_jax import parallel
 from fdh_jax.config_files import load_config
+from fdh_jax.models.backbones import get_backbone
 from fdh_jax.models.fdh import build_model
 from fdh_jax.train import create_train_state, make_optimizer, train_step
 from fdh_jax.validation import validate_config
@@ -48,6 +52,7 @@ def main() -> None:
     parser.add_argument("--set", type=parse_override, action="append", default=[])
     parser.add_argument("--num_classes", type=int, default=100)
     parser.add_argument("--steps", type=int, default=5, help="timed steps after the warm-up")
+    parser.add_argument("--cached", action="store_true", help="feed cached stage maps")
     args = parser.parse_args()
 
     config = load_config(args.config)
@@ -75,7 +80,17 @@ def main() -> None:
         out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
         donate_argnums=0,
     )
-    batch_arrays = parallel.global_batch({"image": images, "label": labels}, mesh)
+    if args.cached:  # the stage maps a frozen backbone's feature cache stores, in float16
+        stages = sorted({*config.model.stages, "C5"})
+        backbone = get_backbone(config.model.backbone, width=config.model.width)
+        shapes = jax.eval_shape(partial(backbone.init, train=False), jax.random.key(0), images[:1])
+        shapes = jax.eval_shape(partial(backbone.apply, train=False), shapes, images[:1])
+        inputs = {
+            s: rng.standard_normal((batch, *shapes[s].shape[1:])).astype(np.float16) for s in stages
+        }
+    else:
+        inputs = {"image": images}
+    batch_arrays = parallel.global_batch(inputs | {"label": labels}, mesh)
 
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch_arrays).compile()
@@ -95,6 +110,7 @@ def main() -> None:
         f"{model_config.backbone} {size}px batch {batch} "
         f"freeze_backbone={model_config.freeze_backbone} node_dim={model_config.node_dim} "
         f"stages={','.join(model_config.stages)} pretrained={bool(model_config.pretrained)} "
+        f"cached_stage_maps={args.cached} "
         f"on {jax.device_count()} {jax.devices()[0].platform} device(s)"
     )
     print(

@@ -26,6 +26,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.num_workers = 0  # grain worker processes (0: decode in the main process)
     data.num_threads = 8  # grain read threads per process
     data.prefetch = 2  # batches prefetched ahead of the train step
+    # A frozen backbone's stage maps are computed once per image and view and stored here
+    # (fdh_jax/feature_cache.py): "auto" = $FDH_JAX_CACHE, else ~/.cache/fdh_jax; "" = off.
+    data.feature_cache = "auto"
+    data.cached_views = 4  # stored views per training image: the evaluation view + 3 random crops
     # The built-in synthetic fine-grained set (used by configs/demo.py).
     data.synthetic = syn = ml_collections.ConfigDict()
     syn.num_classes = 16  # classes differ only in small part details

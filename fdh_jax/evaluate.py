@@ -7,6 +7,7 @@ unless `config.eval.tie_break` says otherwise.
 
 import functools
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,7 +19,7 @@ from PIL import Image
 
 from fdh_jax import inference, parallel
 from fdh_jax.atomic_files import write_text_atomically
-from fdh_jax.data.pipeline import eval_dataset
+from fdh_jax.data.pipeline import eval_dataset, model_inputs
 from fdh_jax.metrics import (
     mean_average_precision,
     precision_at_k,
@@ -44,8 +45,9 @@ __all__ = [
 ]
 
 
-def encode(model, variables: dict, images: jax.Array) -> dict[str, jax.Array]:
-    """Binary codes of a batch: `images: [B, H, W, 3]` -> `{"K": int8 [B, K] in {-1, +1}}`."""
+def encode(model, variables: dict, images: Any) -> dict[str, jax.Array]:
+    """Binary codes of a batch: `images: [B, H, W, 3]` (or a frozen backbone's stage maps
+    `{"C3": [B, ...], ...}`) -> `{"K": int8 [B, K] in {-1, +1}}`."""
     outputs = model.apply(variables, images, train=False)
     return {k: binarize(h) for k, h in outputs["hash"].items()}
 
@@ -59,41 +61,65 @@ def _encoder(model, mesh):
     )
 
 
-def encode_source(
-    model, variables: dict, source: Any, config: ml_collections.ConfigDict, mesh
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Codes of every item of `source`, in dataset order, on every process.
+def map_source(
+    fn: Callable,
+    variables: Any,
+    source: Any,
+    config: ml_collections.ConfigDict,
+    mesh,
+    transform: Callable[[int, dict], dict] | None = None,
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """Applies `fn(variables, inputs) -> {name: [b, ...]}` (jitted over `mesh`) to every item of
+    `source`; yields `(positions [G], outputs {name: [G, ...]})` per global batch of
+    `G = eval.batch_size`, the same on every process.
 
     The items, padded to whole global batches, are dealt out like training slots: process `p`
-    encodes slots `[p * b, (p + 1) * b)` of each global batch (`b = eval.batch_size / processes`).
-    Each slot's dataset position travels with its image through the same sharding and gather, so
-    the codes are put back in dataset order whatever the device order of the mesh, and every item
-    is checked to appear exactly once. Returns `({"K": int8 [N, K]}, labels int32 [N])`.
+    takes slots `[p * b, (p + 1) * b)` of each global batch (`b = G / processes`). Each slot's
+    dataset position travels with its inputs through the same sharding and gather, so outputs
+    can be put back in dataset order whatever the device order of the mesh. Positions `>= N`
+    are padding (they repeat item 0). `transform` makes the inputs of a record (default: see
+    `eval_dataset`).
     """
     num_items, global_batch = len(source), config.eval.batch_size
     local_batch = global_batch // jax.process_count()
     slots = np.arange(num_items + (-num_items) % global_batch).reshape(-1, global_batch)
     first = jax.process_index() * local_batch
     mine = slots[:, first : first + local_batch].reshape(-1).astype(np.int32)
-    encode_fn = _encoder(model, mesh)
-    chunks: dict[str, list[np.ndarray]] = {}
-    positions, done = [], 0
-    # Padding slots (position >= N) re-encode item 0 and are dropped below.
-    for element in eval_dataset(source, config, np.where(mine < num_items, mine, 0)):
+    done = 0
+    indices = np.where(mine < num_items, mine, 0)
+    for element in eval_dataset(source, config, indices, transform):
         # `eval_dataset` batches by the global batch size; this process's share of one global
         # batch is `local_batch` of those.
-        for images in np.split(element["image"], len(element["image"]) // local_batch):
-            batch = parallel.global_batch(
-                {"image": images, "position": mine[done : done + local_batch]}, mesh
-            )
+        inputs = {k: v for k, v in element.items() if k not in ("label", "index")}
+        for start in range(0, len(element["index"]), local_batch):
+            part = {k: v[start : start + local_batch] for k, v in inputs.items()}
+            part["position"] = mine[done : done + local_batch]
+            batch = parallel.global_batch(part, mesh)
             done += local_batch
-            positions.append(
-                np.asarray(multihost_utils.process_allgather(batch["position"], tiled=True))
+            positions = np.asarray(multihost_utils.process_allgather(batch["position"], tiled=True))
+            outputs = fn(variables, model_inputs(batch))
+            yield (
+                positions,
+                {
+                    k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
+                    for k, v in outputs.items()
+                },
             )
-            for k, codes in encode_fn(variables, batch["image"]).items():
-                chunks.setdefault(k, []).append(
-                    np.asarray(multihost_utils.process_allgather(codes, tiled=True))
-                )
+
+
+def encode_source(
+    model, variables: dict, source: Any, config: ml_collections.ConfigDict, mesh
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Codes of every item of `source`, in dataset order, on every process (see `map_source`;
+    every item is checked to appear exactly once). Returns `({"K": int8 [N, K]}, labels [N])`."""
+    chunks: dict[str, list[np.ndarray]] = {}
+    positions = []
+    batches = map_source(_encoder(model, mesh), variables, source, config, mesh)
+    for batch_positions, codes in batches:
+        positions.append(batch_positions)
+        for k, value in codes.items():
+            chunks.setdefault(k, []).append(value)
+    num_items = len(source)
     position = np.concatenate(positions)
     real = position < num_items
     if not np.array_equal(np.sort(position[real]), np.arange(num_items)):
@@ -208,10 +234,16 @@ def evaluate_and_report(
     steps: int,
     train_seconds: float,
     extra_results: dict | None = None,
+    inputs: tuple[Any, Any] | None = None,
 ) -> dict:
     """Evaluates, then (process 0) writes `results.json`, `retrieval_metrics.json`, the PR
-    curves and the gallery into `output_dir` and prints the table. Returns the results."""
-    evaluation = evaluate(model, variables, query, database, config, mesh)
+    curves and the gallery into `output_dir` and prints the table. Returns the results.
+
+    `inputs`: `(query, database)` sources to encode instead of the image sources (the cached
+    stage maps of a frozen backbone); the figures still show the images.
+    """
+    query_inputs, database_inputs = inputs if inputs is not None else (query, database)
+    evaluation = evaluate(model, variables, query_inputs, database_inputs, config, mesh)
     results = evaluation.results | {"train_seconds": round(train_seconds, 3), "steps": steps}
     results |= extra_results or {}
     if jax.process_index() == 0:

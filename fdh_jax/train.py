@@ -23,9 +23,9 @@ import optax
 import orbax.checkpoint as ocp
 from flax.training import train_state
 
-from fdh_jax import evaluate, inference, parallel
+from fdh_jax import evaluate, feature_cache, inference, parallel
 from fdh_jax.data import load_splits
-from fdh_jax.data.pipeline import iterate, train_dataset
+from fdh_jax.data.pipeline import iterate, model_inputs, train_dataset
 from fdh_jax.data.transforms import eval_transform
 from fdh_jax.losses import total_loss
 from fdh_jax.models.backbones import get_backbone
@@ -164,7 +164,7 @@ def _gradients(state: TrainState, batch_stats, batch: dict, loss_config):
     def loss_fn(params):
         outputs, mutated = state.apply_fn(
             {"params": params, "batch_stats": batch_stats},
-            batch["image"],
+            model_inputs(batch),
             train=True,
             mutable=["batch_stats"],
         )
@@ -386,7 +386,9 @@ def prepare_run(
     return Run(mesh, database, query, total_steps, model, state, manager, progress)
 
 
-def _evaluate_and_report(run: Run, config, workdir: Path, train_seconds: float) -> dict:
+def _evaluate_and_report(
+    run: Run, config, workdir: Path, train_seconds: float, inputs: tuple[Any, Any]
+) -> dict:
     variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
     steps = int(run.state.step)
     results = evaluate.evaluate_and_report(
@@ -399,6 +401,7 @@ def _evaluate_and_report(run: Run, config, workdir: Path, train_seconds: float) 
         workdir,
         steps=steps,
         train_seconds=train_seconds,
+        inputs=inputs,
     )
     if jax.process_index() == 0:
         with MetricWriter(workdir, jsonl=False) as writer:
@@ -425,8 +428,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     start_step = int(state.step)
     if is_main:  # the workdir's record of the model (see fdh_jax/inference.py)
         inference.record_training_run(workdir, config, run.database, resuming=start_step > 0)
+    # A frozen backbone's stage maps come from the feature cache (computed on first use).
+    backbone_variables = {
+        "params": state.params.get("backbone", {}),
+        "batch_stats": state.batch_stats.get("backbone", {}),
+    }
+    database_inputs, query_inputs = feature_cache.cached_splits(
+        config, run.database, run.query, backbone_variables, mesh
+    )
     dataset = train_dataset(
-        run.database,
+        database_inputs,
         config,
         total_steps,
         process_index=jax.process_index(),
@@ -501,6 +512,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         report(f"Checkpoint at step {start_step} is final: evaluating without training.")
 
     # ---- evaluation
-    results = _evaluate_and_report(run._replace(state=state), config, workdir, train_seconds)
+    results = _evaluate_and_report(
+        run._replace(state=state), config, workdir, train_seconds, (query_inputs, database_inputs)
+    )
     manager.close()
     return results

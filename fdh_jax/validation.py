@@ -68,6 +68,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         f"must be in (0, 1), got {data.test_fraction}",
     )
     _check(data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {data.num_workers}")
+    _check(
+        isinstance(data.cached_views, int) and data.cached_views >= 1,
+        "data.cached_views",
+        f"must be an integer >= 1 (view 0 is the evaluation view), got {data.cached_views!r}",
+    )
 
     model = config.model
     _check(

@@ -107,7 +107,15 @@ def scan_key(source: Any) -> str | None:
         "euid": os.geteuid() if hasattr(os, "geteuid") else None,
     }
     digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode("utf-8"))
-    for path in source.paths:
+    digest.update(files_digest(source.paths).encode("ascii"))
+    return digest.hexdigest()
+
+
+def files_digest(paths: Sequence[str]) -> str:
+    """SHA-256 (hex) over each file's path and state (size, mtime, mode, or why stat failed), in
+    order: changes when any file is touched, rewritten, renamed, chmod-ed or removed."""
+    digest = hashlib.sha256()
+    for path in paths:
         digest.update(json.dumps([path, _file_state(path)]).encode("utf-8") + b"\n")
     return digest.hexdigest()
 

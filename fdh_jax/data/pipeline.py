@@ -5,10 +5,16 @@ classes and `Q` images of each for step `step`, and the augmentation of slot `j`
 stream `(seed, step, j)`. A grain `MapDataset` over global positions `step * B + j` therefore
 gives the same batches on any number of processes and after any restart; each process reads only
 its own slots of every global batch. The grain iterator state is saved with each checkpoint.
+
+A source may hold its items' backbone stage maps precomputed (`fdh_jax.feature_cache`: a frozen
+backbone): then a training example is one of the source's stored views of the image, chosen by
+the same `(seed, step, slot)` stream, and an evaluation example is the stored evaluation view.
+Batches then carry the stage maps (`"C3"`, `"C4"`, ...) instead of `"image"`; `model_inputs`
+gives the model its input either way.
 """
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain
@@ -58,8 +64,12 @@ class _TrainRecords:
 
     def __call__(self, position: int) -> dict[str, np.ndarray]:
         step, slot = divmod(int(position), self.batch_size)
-        record = self.source[int(self._batch(step)[slot])]
+        index = int(self._batch(step)[slot])
         rng = np.random.default_rng([self.config.seed, 0xA06, step, slot])
+        if hasattr(self.source, "view_inputs"):  # stored views of a frozen backbone's maps
+            view = int(rng.integers(self.source.num_views))
+            return self.source.view_inputs(index, view) | {"label": self.labels[index]}
+        record = self.source[index]
         data = self.config.data
         image = train_transform(
             record["image"],
@@ -102,19 +112,30 @@ def train_dataset(
 
 
 def eval_dataset(
-    source: Any, config: ml_collections.ConfigDict, indices: np.ndarray
+    source: Any,
+    config: ml_collections.ConfigDict,
+    indices: np.ndarray,
+    transform: Callable[[int, dict], dict] | None = None,
 ) -> grain.IterDataset:
     """Evaluation batches over `indices` of `source`, in order.
 
-    Elements are `{"image": float32 [b, S, S, 3], "label": int32 [b], "index": int64 [b]}`;
-    the last batch may be short (callers pad it).
+    Elements are `{"image": float32 [b, S, S, 3], "label": int32 [b], "index": int64 [b]}`, or
+    the stage maps instead of `"image"` for a source that stores them (`source.model_inputs`);
+    `transform(index, record) -> {name: array}` replaces either. The last batch may be short
+    (callers pad it).
     """
     data = config.data
+    if transform is None and hasattr(source, "model_inputs"):
+        transform = lambda index, record: source.model_inputs(record)
+    if transform is None:
+        transform = lambda index, record: {
+            "image": eval_transform(record["image"], data.image_size, data.eval_resize)
+        }
 
     def load(index: int) -> dict[str, np.ndarray]:
         record = source[int(index)]
-        image = eval_transform(record["image"], data.image_size, data.eval_resize)
-        return {"image": image, "label": np.int32(record["label"]), "index": np.int64(index)}
+        inputs = transform(int(index), record)
+        return inputs | {"label": np.int32(record["label"]), "index": np.int64(index)}
 
     dataset = (
         grain.MapDataset.source(np.asarray(indices, np.int64))
@@ -136,6 +157,16 @@ def _to_iter(dataset: grain.MapDataset, config: ml_collections.ConfigDict) -> gr
             grain.MultiprocessingOptions(num_workers=data.num_workers)
         )
     return iter_dataset
+
+
+def model_inputs(batch: dict) -> Any:
+    """The model's input in a batch: `batch["image"]`, or the dict of precomputed stage maps."""
+    if "image" in batch:
+        return batch["image"]
+    return {k: v for k, v in batch.items() if k not in _NOT_INPUTS}
+
+
+_NOT_INPUTS = ("label", "index", "position")
 
 
 def iterate(dataset: grain.IterDataset, state: dict | None = None) -> Iterator:

@@ -60,7 +60,8 @@ class FDHMFE(nn.Module):
                     f"precomputed stage maps lack {', '.join(missing)}: the model uses "
                     f"{', '.join(self.stages)} and C5 (for the mask); got {', '.join(images)}"
                 )
-            stage_maps = images
+            # Stored maps may be float16 (the feature cache): compute in the model's dtype.
+            stage_maps = {name: jnp.asarray(m, self.dtype) for name, m in images.items()}
         else:
             backbone = get_backbone(self.backbone, width=self.width, dtype=self.dtype)
             backbone_train = train and not self.freeze_backbone

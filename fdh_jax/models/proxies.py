@@ -7,6 +7,8 @@ corners of the hypercube is what makes the codes spread uniformly (as with CSQ's
 learnable proxies (HyP2) can then move, kept apart by the uniformity term.
 """
 
+import functools
+
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
@@ -48,10 +50,21 @@ def _min_distance_search(num_classes: int, bits: int, seed: int, sweeps: int = 3
     return codes
 
 
-def separated_binary_codes(num_classes: int, bits: int, seed: int = 0) -> np.ndarray:
-    """`[num_classes, bits]` int8 codes in {-1, +1} with a large minimum Hamming distance."""
+@functools.lru_cache(maxsize=64)
+def _separated_codes(num_classes: int, bits: int, seed: int) -> np.ndarray:
     codes = _hadamard_codes(num_classes, bits)
-    return codes if codes is not None else _min_distance_search(num_classes, bits, seed)
+    codes = codes if codes is not None else _min_distance_search(num_classes, bits, seed)
+    codes.flags.writeable = False  # cached: shared by every caller
+    return codes
+
+
+def separated_binary_codes(num_classes: int, bits: int, seed: int = 0) -> np.ndarray:
+    """`[num_classes, bits]` int8 codes in {-1, +1} with a large minimum Hamming distance.
+
+    Deterministic in its arguments; computed once per process (a model is initialised several
+    times: abstract shapes, the jitted init, restores).
+    """
+    return _separated_codes(num_classes, bits, seed).copy()
 
 
 def min_hamming_distance(codes: np.ndarray) -> int:
@@ -73,7 +86,11 @@ class HashProxies(nn.Module):
     def __call__(self) -> dict[str, jnp.ndarray]:
         proxies = {}
         for k in self.bits:
-            codes = separated_binary_codes(self.num_classes, k, self.seed + k)
-            init = lambda _, codes=codes: jnp.asarray(codes, jnp.float32)
+            # The code search (about a second for 200 classes) runs only when the parameter is
+            # initialised, never when a step or an encoder is traced.
+            def init(_, k=k):
+                codes = separated_binary_codes(self.num_classes, k, self.seed + k)
+                return jnp.asarray(codes, jnp.float32)
+
             proxies[str(k)] = self.param(f"proxies_{k}", init)
         return proxies
