@@ -27,6 +27,7 @@ setup(
         "safetensors>=0.4",
         "tflite>=2.10",
         "scipy>=1.11",
+        "numba>=0.61",  # CPU search kernels: fdh_jax/retrieval.py, fdh_jax/multi_index.py
         "tensorboard>=2.15",  # event files only (no TensorFlow): fdh_jax/summaries.py
     ],
     extras_require={

@@ -11,8 +11,10 @@ Codes enter in one of two forms, told apart by dtype:
 Anything else (bool, other unsigned, values outside {-1, +1}, 1-D arrays, K mismatch between query
 and database) raises `InvalidCodesError`, a `ValueError`.
 
-The heavy part runs as jitted XLA over packed 32-bit words (`population_count` of XORs), so it uses
-an accelerator when JAX has one; every search is chunked so memory stays bounded for any database.
+Distances run as jitted XLA over packed 32-bit words (`population_count` of XORs), so they use an
+accelerator when JAX has one. Exact top-k search runs on an accelerator as XLA, on CPU as a numba
+kernel (vector popcounts, no sort); every search is chunked so memory stays bounded for any
+database. `MultiIndexHashing` (fdh_jax/multi_index.py) answers the same top-k sub-linearly.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 
 class InvalidCodesError(ValueError):
@@ -137,86 +141,206 @@ def hamming_distance(query_codes: Any, db_codes: Any) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- exact top-k search
 
-_TOPK_FIRST_BLOCK = 1 << 15  # database items ranked exactly to seed the threshold
-_TOPK_BLOCK = 1 << 20  # database items per later kernel call
-_TOPK_MAX_MASK = 1 << 26  # query rows x block items per kernel call (bytes of the bool mask)
+# CPU linear scan (`_scan_topk`): a numba kernel over 64-bit words. The XLA CPU backend neither
+# vectorises population_count nor compacts a mask cheaply (a count-only XLA pass over 1,000 x
+# 1,000,000 codes took 2.5 s, faiss's whole search 0.32 s), so the CPU path is compiled by LLVM
+# through numba, which turns the inner loop into vector popcounts.
+_SCAN_BLOCK = 2048  # database items per tile: 16 KiB of 64-bit codes, reused from L1 by a group
+_SCAN_SUB = 64  # items per counted sub-block: candidates are re-read only in sub-blocks with hits
+_SCAN_GROUP = 16  # queries per tile and per parallel task
+_SCAN_GROUP_BYTES = 1 << 24  # bound on a group's candidate buffers (matters only for huge k)
+# Accelerator path (`_device_topk`): per block `lax.top_k` merged by `lax.sort`.
+_TOPK_BLOCK = 1 << 20  # database items per kernel call
+_TOPK_MAX_MASK = 1 << 26  # query rows x block items per kernel call
 _DEVICE_TOPK = False  # tests set True to run the accelerator path on CPU
 
 
-@jax.jit
-def _closer_than(query_words: jax.Array, db_words: jax.Array, radius: jax.Array) -> jax.Array:
-    """`[C, W]`, `[B, W]` uint32, `radius: [C]` int32 -> `[C, B]` bool, distance < radius."""
-    return word_hamming_distance(query_words, db_words) < radius[:, None]
+def pack_words64(codes: Any, name: str = "codes") -> tuple[np.ndarray, int]:
+    """Sign or packed codes -> (`[N, ceil(K/64)]` uint64 words, K), the layout of the CPU kernels.
 
-
-def _select_topk(
-    rows: np.ndarray, distances: np.ndarray, indices: np.ndarray, num_rows: int, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the k candidates smallest by (distance, index). Every row has >= k candidates.
-
-    `rows, distances, indices: [M]` -> (`[num_rows, k]` distances, `[num_rows, k]` indices).
+    Word w holds packed bytes 8w..8w+7 little-endian; any fixed byte order gives the same Hamming
+    distance. For packed uint8 input K is reported as 8 x bytes, as in `pack_words`.
     """
-    order = np.lexsort((indices, distances, rows))
-    starts = np.searchsorted(rows[order], np.arange(num_rows))
-    take = order[starts[:, None] + np.arange(k)]
-    return distances[take].astype(np.int32), indices[take].astype(np.int32)
+    words, bits = pack_words(codes, name)
+    return _widen_words(words), bits
 
 
-def _host_topk(
-    query_words: np.ndarray, db_words: np.ndarray, k: int, bits: int
+def _widen_words(words: np.ndarray) -> np.ndarray:
+    """`[N, W]` uint32 words from `pack_words` -> `[N, ceil(W/2)]` uint64 (zero-padded)."""
+    if words.shape[1] % 2:
+        words = np.concatenate([words, np.zeros((words.shape[0], 1), np.uint32)], axis=1)
+    return np.ascontiguousarray(words).view("<u8")
+
+
+@intrinsic
+def _popcount(typingctx, word):
+    """Bits set in a uint64 word, as int64: LLVM's ctpop, a vector popcount inside vectorised
+    loops. int64 on purpose: numba compares uint64 with int64 through float64."""
+
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+
+    return types.int64(types.uint64), codegen
+
+
+@njit(inline="always")
+def _kth_smallest(histogram: np.ndarray, k: int) -> int:
+    """The smallest t with histogram[0] + ... + histogram[t] >= k (len(histogram) if none)."""
+    total = 0
+    for t in range(histogram.shape[0]):
+        total += histogram[t]
+        if total >= k:
+            return t
+    return histogram.shape[0]
+
+
+@njit(inline="always")
+def _count_closer(query, db_columns, start, stop, bound, scratch):
+    """How many of db_columns[:, start:stop] lie at distance < bound from query. Slices, not
+    offset indices: with an index that may be negative numba wraps it, and LLVM then gathers."""
+    num_words = db_columns.shape[0]
+    count = 0
+    if num_words == 1:
+        column, word = db_columns[0, start:stop], query[0]
+        for j in range(column.shape[0]):
+            count += _popcount(word ^ column[j]) < bound
+    elif num_words == 2:
+        low, high = db_columns[0, start:stop], db_columns[1, start:stop]
+        word_low, word_high = query[0], query[1]
+        for j in range(low.shape[0]):
+            count += _popcount(word_low ^ low[j]) + _popcount(word_high ^ high[j]) < bound
+    else:
+        distances = scratch[: stop - start]
+        column, word = db_columns[0, start:stop], query[0]
+        for j in range(column.shape[0]):
+            distances[j] = _popcount(word ^ column[j])
+        for w in range(1, num_words):
+            column, word = db_columns[w, start:stop], query[w]
+            for j in range(column.shape[0]):
+                distances[j] += _popcount(word ^ column[j])
+        for j in range(distances.shape[0]):
+            count += distances[j] < bound
+    return count
+
+
+@njit(inline="always")
+def _word_distance(query, db_columns, j):
+    """Hamming distance between query `[W]` and database item j of db_columns `[W, N]`."""
+    distance = 0
+    for w in range(db_columns.shape[0]):
+        distance += _popcount(query[w] ^ db_columns[w, j])
+    return distance
+
+
+@njit(inline="always")
+def _keep_first_k(histogram, kept_distances, kept_indices, count, k):
+    """Shrinks a query's count > k candidates, held in database order, to its k best by
+    (distance, index): all below the k-th distance t, then the first ones at t. Returns k."""
+    t = _kth_smallest(histogram, k)
+    below = 0
+    for d in range(t):
+        below += histogram[d]
+    room = k - below  # places left for candidates at distance t, taken in database order
+    kept = 0
+    for p in range(count):
+        d = kept_distances[p]
+        if d < t or (d == t and room > 0):
+            if d == t:
+                room -= 1
+            kept_distances[kept] = d
+            kept_indices[kept] = kept_indices[p]
+            kept += 1
+    histogram[t] = k - below
+    histogram[t + 1 :] = 0
+    return kept
+
+
+@njit(parallel=True, cache=True)
+def _scan_topk_kernel(query_words, db_columns, k, bits, block, group, out_distances, out_indices):
+    """Exact top-k by (distance, index) in one pass over the database, no sort.
+
+    `query_words: [Q, W]`, `db_columns: [W, N]` uint64; writes `out_*: [Q, k]` int32. Tiles of
+    `group` queries x `block` items keep the codes in L1. Per query, the candidates kept so far are
+    in database order with a histogram of their distances; its k-th distance t bounds the rest:
+    a later item at distance t ranks after the k earlier ones at distance <= t, so only distances
+    < t are counted (vector loop) and re-read (only in sub-blocks that counted any).
+    """
+    num_query, num_db = query_words.shape[0], db_columns.shape[1]
+    capacity = k + block  # room for one block of candidates after shrinking to k
+    for g in prange((num_query + group - 1) // group):
+        first = g * group
+        rows = min(num_query, first + group) - first
+        histogram = np.zeros((rows, bits + 1), np.int64)
+        kept_distances = np.empty((rows, capacity), np.int32)
+        kept_indices = np.empty((rows, capacity), np.int32)
+        kept = np.zeros(rows, np.int64)
+        bound = np.full(rows, bits + 1, np.int64)  # keep distances < bound; all until k are kept
+        sub_counts = np.zeros((block + _SCAN_SUB - 1) // _SCAN_SUB, np.int64)
+        scratch = np.empty(_SCAN_SUB, np.int64)
+        for start in range(0, num_db, block):
+            stop = min(num_db, start + block)
+            for r in range(rows):
+                query, t = query_words[first + r], bound[r]
+                hits = 0
+                for s in range(start, stop, _SCAN_SUB):
+                    end = min(stop, s + _SCAN_SUB)
+                    found = _count_closer(query, db_columns, s, end, t, scratch)
+                    sub_counts[(s - start) // _SCAN_SUB] = found
+                    hits += found
+                if hits == 0:
+                    continue
+                count = kept[r]
+                if count + hits > capacity:
+                    count = _keep_first_k(
+                        histogram[r], kept_distances[r], kept_indices[r], count, k
+                    )
+                for s in range(start, stop, _SCAN_SUB):
+                    if sub_counts[(s - start) // _SCAN_SUB] == 0:
+                        continue
+                    for j in range(s, min(stop, s + _SCAN_SUB)):
+                        d = _word_distance(query, db_columns, j)
+                        if d < t:
+                            kept_distances[r, count] = d
+                            kept_indices[r, count] = j
+                            histogram[r, d] += 1
+                            count += 1
+                kept[r] = count
+                if count >= k:
+                    bound[r] = _kth_smallest(histogram[r], k)
+        for r in range(rows):
+            # A stable counting sort by distance of the candidates (in database order) that make
+            # the top k: ascending distance, ties by index.
+            t = _kth_smallest(histogram[r], k)
+            position = np.zeros(t + 1, np.int64)
+            for d in range(1, t + 1):
+                position[d] = position[d - 1] + histogram[r, d - 1]
+            for p in range(kept[r]):
+                d = kept_distances[r, p]
+                if d <= t and position[d] < k:
+                    out_distances[first + r, position[d]] = d
+                    out_indices[first + r, position[d]] = kept_indices[r, p]
+                    position[d] += 1
+
+
+def _scan_topk(
+    query_words: np.ndarray, db_columns: np.ndarray, k: int, bits: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """CPU top-k without sorting the database: rank a first block exactly (distance histogram
-    gives each query's k-th distance), then stream the rest keeping only items strictly closer
-    than the current k-th best (later items lose ties: their index is larger)."""
-    num_query, num_db = query_words.shape[0], db_words.shape[0]
-    first = min(num_db, max(_TOPK_FIRST_BLOCK, k))
-    starts = list(range(first, num_db, _TOPK_BLOCK))
-    db_device = [jnp.asarray(db_words[:first])]
-    db_device += [jnp.asarray(db_words[s : s + _TOPK_BLOCK]) for s in starts]
-    max_rows = max(1, min(64, _TOPK_MAX_MASK // min(num_db, _TOPK_BLOCK)))
-    chunk = 1 << (max_rows.bit_length() - 1)
+    """`query_words: [Q, W]`, `db_columns: [W, N]` uint64, 1 <= k <= N -> (`[Q, k]` int32 x 2)."""
+    num_query = query_words.shape[0]
     out_distances = np.empty((num_query, k), np.int32)
     out_indices = np.empty((num_query, k), np.int32)
-    for q0 in range(0, num_query, chunk):
-        rows = min(chunk, num_query - q0)
-        chunk_words = np.zeros((chunk, query_words.shape[1]), np.uint32)
-        chunk_words[:rows] = query_words[q0 : q0 + rows]
-        first_distances = np.asarray(word_hamming_distance(chunk_words, db_device[0]))[:rows]
-        offsets = np.arange(rows)[:, None] * (bits + 1)
-        histogram = np.bincount((offsets + first_distances).ravel(), minlength=rows * (bits + 1))
-        reached = np.cumsum(histogram.reshape(rows, bits + 1), axis=1) >= k
-        kth = np.argmax(reached, axis=1)  # k-th smallest distance in the first block
-        flat = np.flatnonzero(first_distances <= kth[:, None])
-        best_distances, best_indices = _select_topk(
-            flat // first, first_distances.ravel()[flat], flat % first, rows, k
-        )
-
-        def launch(block: int, kth_best: np.ndarray, words: np.ndarray = chunk_words) -> jax.Array:
-            # The radius may be one block stale: a larger radius only adds candidates.
-            radius = np.zeros(len(words), np.int32)
-            radius[: len(kth_best)] = kth_best
-            return _closer_than(words, db_device[block + 1], radius)
-
-        pending = launch(0, best_distances[:, -1]) if starts else None
-        for b, start in enumerate(starts):
-            mask_on_device = pending
-            pending = launch(b + 1, best_distances[:, -1]) if b + 1 < len(starts) else None
-            mask = np.asarray(mask_on_device)
-            flat = np.flatnonzero(mask)
-            if flat.size == 0:
-                continue
-            block_size = mask.shape[1]
-            rows_new, index_new = flat // block_size, flat % block_size + start
-            differing = np.bitwise_count(chunk_words[rows_new] ^ db_words[index_new])
-            best_distances, best_indices = _select_topk(
-                np.concatenate([np.repeat(np.arange(rows), k), rows_new]),
-                np.concatenate([best_distances.ravel(), differing.sum(1)]),
-                np.concatenate([best_indices.ravel(), index_new]),
-                rows,
-                k,
-            )
-        out_distances[q0 : q0 + rows] = best_distances
-        out_indices[q0 : q0 + rows] = best_indices
+    per_query = 8 * (k + _SCAN_BLOCK)  # candidate buffer bytes
+    group = max(1, min(_SCAN_GROUP, _SCAN_GROUP_BYTES // per_query))
+    _scan_topk_kernel(
+        np.ascontiguousarray(query_words),
+        np.ascontiguousarray(db_columns),
+        k,
+        bits,
+        _SCAN_BLOCK,
+        group,
+        out_distances,
+        out_indices,
+    )
     return out_distances, out_indices
 
 
@@ -286,9 +410,49 @@ def hamming_topk(query_codes: Any, db_codes: Any, k: int) -> tuple[np.ndarray, n
     if query_words.shape[0] == 0:
         return np.zeros((0, k), np.int32), np.zeros((0, k), np.int32)
     if jax.default_backend() == "cpu" and not _DEVICE_TOPK:
-        return _host_topk(query_words, db_words, k, bits)
+        return _scan_topk(_widen_words(query_words), _widen_words(db_words).T, k, bits)
     return _device_topk(query_words, db_words, k)
 
+
+# Databases from this size on are worth a MultiIndexHashing: below it a linear scan of all queries
+# costs about as much as building the tables, and probing wins little per query. An estimate, to
+# be confirmed by the break-even of `python benchmarks/search.py --mode=sweep` on a quiet machine.
+_MIH_MIN_DB = 1 << 18
+
+
+def prefer_multi_index(num_db: int, bits: int) -> bool:
+    """The rule for building a `MultiIndexHashing` over `num_db` codes of `bits` bits.
+
+    True from `_MIH_MIN_DB` codes on, for codes of up to 128 bits: the tables take m x N x
+    (4 + 8 ceil(K/64)) bytes with m ~ K / log2 N tables, which grows as K^2 (128 bits, 10M codes:
+    1.4 GB). Whether probing beats the scan also depends on the codes (how close the k-th
+    neighbour is); that is decided per query at search time, where a query whose probing would
+    cost more than a scan is scanned (`MultiIndexHashing.search`).
+    """
+    return num_db >= _MIH_MIN_DB and bits <= 128
+
+
+def search_codes(
+    query_codes: Any, db_codes: Any, k: int, *, index: MultiIndexHashing | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k as `hamming_topk`, through `index` when given.
+
+    `query_codes: [Q, K]`, `db_codes: [N, K]` (sign or packed); `index`: a `MultiIndexHashing`
+    built on `db_codes` (e.g. when `prefer_multi_index(N, K)`) -> (`distances: [Q, k]`,
+    `indices: [Q, k]` int32), identical either way.
+    """
+    if index is None:
+        return hamming_topk(query_codes, db_codes, k)
+    if len(index) != np.shape(db_codes)[0]:
+        raise ValueError(
+            f"the multi-index holds {len(index)} codes, the database {np.shape(db_codes)[0]}"
+        )
+    return index.search(query_codes, k)
+
+
+# Sub-linear exact search. fdh_jax.multi_index imports the kernels above, so this import comes
+# after them (importing fdh_jax.multi_index first also works: the package imports this module).
+from fdh_jax.multi_index import MultiIndexHashing  # noqa: E402, F401 (re-export)
 
 # ----------------------------------------------------------------------------- saved hash index
 
@@ -354,11 +518,31 @@ class HashIndex:
     def __len__(self) -> int:
         return self.codes.shape[0]
 
-    def search(self, query_codes: Any, k: int) -> tuple[list[list[str]], np.ndarray]:
+    def search(
+        self, query_codes: Any, k: int, method: str = "auto"
+    ) -> tuple[list[list[str]], np.ndarray]:
         """`query_codes: [Q, K]` -> (paths `Q x k'`, distances `[Q, k']` int32), nearest first,
-        ties by database order; k' = min(k, N)."""
-        distances, indices = hamming_topk(query_codes, self.codes, min(k, len(self)))
+        ties by database order; k' = min(k, N).
+
+        `method`: "scan" (`hamming_topk`), "multi_index" (`MultiIndexHashing`, built on first
+        use and kept with the index object), or "auto": the multi-index where
+        `prefer_multi_index(N, K)` says it pays (large databases), else the scan. The results
+        are identical whichever runs.
+        """
+        if method not in ("auto", "scan", "multi_index"):
+            raise ValueError(f"method must be auto, scan or multi_index, got {method!r}")
+        use_index = method == "multi_index" or (
+            method == "auto" and prefer_multi_index(len(self), self.bits)
+        )
+        index = self.multi_index() if use_index else None
+        distances, indices = search_codes(query_codes, self.codes, min(k, len(self)), index=index)
         return [[self.paths[i] for i in row] for row in indices], distances
+
+    def multi_index(self) -> MultiIndexHashing:
+        """The `MultiIndexHashing` of these codes (built once per object)."""
+        if getattr(self, "_multi_index", None) is None:
+            self._multi_index = MultiIndexHashing(self.codes)
+        return self._multi_index
 
     def _fields(self) -> dict[str, np.ndarray]:
         return {

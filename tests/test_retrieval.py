@@ -13,6 +13,8 @@ from fdh_jax.retrieval import (
     hamming_distance,
     hamming_topk,
     pack_codes,
+    prefer_multi_index,
+    search_codes,
     unpack_codes,
 )
 
@@ -63,7 +65,7 @@ def test_hamming_distance_matches_brute_force(bits):
 def test_hamming_topk_matches_brute_force(monkeypatch, device_path, bits, num_db, num_query, k):
     # Small blocks so that the streaming / merging across blocks is exercised; few bits so that
     # ties at the k-th distance are everywhere.
-    monkeypatch.setattr(retrieval, "_TOPK_FIRST_BLOCK", 700)
+    monkeypatch.setattr(retrieval, "_SCAN_BLOCK", 700)
     monkeypatch.setattr(retrieval, "_TOPK_BLOCK", 1024)
     monkeypatch.setattr(retrieval, "_DEVICE_TOPK", device_path)
     rng = np.random.default_rng(bits + num_db)
@@ -73,6 +75,38 @@ def test_hamming_topk_matches_brute_force(monkeypatch, device_path, bits, num_db
     assert distances.dtype == np.int32 and indices.dtype == np.int32
     np.testing.assert_array_equal(distances, expected_distances)
     np.testing.assert_array_equal(indices, expected_indices)
+
+
+@pytest.mark.parametrize("bits", [32, 48, 128, 130, 200])
+def test_scan_topk_word_counts_and_tiny_tiles(monkeypatch, bits):
+    # 1, 2 and 3-4 uint64 words take different vector loops; tiles of 100 items (not a multiple
+    # of the 64-item sub-blocks) and groups of 3 queries leave partial tiles everywhere.
+    monkeypatch.setattr(retrieval, "_SCAN_BLOCK", 100)
+    monkeypatch.setattr(retrieval, "_SCAN_GROUP", 3)
+    rng = np.random.default_rng(bits)
+    db = random_codes(rng, 1500, bits)
+    db[700:760] = db[5]  # exact duplicates: ties at distance 0 across tiles
+    query = np.concatenate([db[[5, 9]], random_codes(rng, 6, bits)])
+    for k in (1, 37, 260, 1500):
+        distances, indices = hamming_topk(query, db, k)
+        expected_distances, expected_indices = brute_topk(query, db, k)
+        np.testing.assert_array_equal(distances, expected_distances)
+        np.testing.assert_array_equal(indices, expected_indices)
+
+
+def test_search_codes_rule_and_index():
+    rng = np.random.default_rng(3)
+    query, db = random_codes(rng, 7, 24), random_codes(rng, 400, 24)
+    index = retrieval.MultiIndexHashing(db)
+    expected = brute_topk(query, db, 9)
+    for result in (search_codes(query, db, 9), search_codes(query, db, 9, index=index)):
+        np.testing.assert_array_equal(result[0], expected[0])
+        np.testing.assert_array_equal(result[1], expected[1])
+    with pytest.raises(ValueError, match="400"):
+        search_codes(query, db[:300], 9, index=index)
+    assert not prefer_multi_index(retrieval._MIH_MIN_DB - 1, 64)
+    assert prefer_multi_index(retrieval._MIH_MIN_DB, 64)
+    assert not prefer_multi_index(10**7, 256)
 
 
 def test_hamming_topk_packed_input_and_bad_k():

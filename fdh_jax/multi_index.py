@@ -1,0 +1,564 @@
+"""Exact sub-linear Hamming search: multi-index hashing (MIH).
+
+Norouzi, Punjani and Fleet, "Fast exact search in Hamming space with multi-index hashing"
+(CVPR 2012, TPAMI 2014). A K-bit code is cut into m disjoint substrings of floor(K/m) or
+ceil(K/m) bits, and each substring indexes one hash table (bucket = substring value). If two codes
+differ in at most r = m * rho + a bits (0 <= a < m), then by pigeonhole one of the first a + 1
+substrings differs in at most rho bits, or one of the others in at most rho - 1. So after probing,
+for every table, the buckets within radius rho - 1 of the query's substring, and for tables
+0..i also those at radius exactly rho, every code within distance m * rho + i has been seen. The
+search probes in that order and stops once the k-th best distance seen is <= that certified
+radius: every code that can enter the top k, ties at the k-th distance included, has then been
+verified with its full distance, so the result is exactly the brute-force one (ties by database
+index). A query whose probing grows past a work budget (the linear scan would be cheaper) is
+answered by the linear scan instead; see `MultiIndexHashing.search`.
+
+Tables are compact: per table the database ids sorted by substring value (uint32, stable, so a
+bucket lists ids in ascending order) and the bucket boundaries, as a dense array of 2^s + 1
+offsets when that is small (2^s <= 4 N, or s <= 16), else as the sorted distinct values with their
+offsets (binary search per probe).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import zipfile
+from typing import Any
+
+import numpy as np
+from numba import njit, prange
+
+MIH_FORMAT_VERSION = 1
+_MAX_SUBSTRING_BITS = 32  # beyond this a table's radius balls are too large to enumerate
+# Work per query is counted in linear-scan items (the scan spends ~ 0.3 ns of one core per database
+# item): a probe of an empty or full bucket is a random memory access, ~ _PROBE_COST items; a
+# bucket entry is read in a vector pass, ~ _ENTRY_COST items. A query whose work passes
+# _WORK_PER_ITEM x N is answered by the linear scan instead. These costs are estimates from runs on
+# a loaded 2-core VM; `python benchmarks/search.py --mode=sweep` measures the break-even.
+_PROBE_COST = 256
+_ENTRY_COST = 2
+_WORK_PER_ITEM = 0.5
+# `search` answers this many queries by probing first; if more than half of them exceed the
+# budget (codes without neighbourhood structure, e.g. uniform random bits) the rest go straight
+# to the linear scan, so MIH costs at most about this many wasted budgets on such data.
+_PILOT_QUERIES = 32
+
+
+def default_num_tables(num_db: int, bits: int) -> int:
+    """m = round(K / min(log2 N, 16)): substrings of about log2 N bits as in Norouzi et al., but
+    at most about 16. Buckets are verified with a vector pass (a fraction of a ns per entry) while
+    each probe is a cache miss, so fewer, fuller buckets pay: on 10M clustered 64-bit codes (a
+    loaded 2-core VM), 4 tables answered in 40% of the time of 3 (log2 N = 23) and 30-75% of that
+    of 5. Clamped to
+    [1, K] and to substrings of at most 32 bits."""
+    m = round(bits / min(math.log2(max(num_db, 2)), 16))
+    return int(min(bits, max(m, 1, -(-bits // _MAX_SUBSTRING_BITS))))
+
+
+def substring_bounds(bits: int, num_tables: int) -> np.ndarray:
+    """`[m + 1]` int64 bit boundaries: substring i is code bits [b[i], b[i+1]); the first K mod m
+    substrings have ceil(K/m) bits, the others floor(K/m)."""
+    lengths = np.full(num_tables, bits // num_tables, np.int64)
+    lengths[: bits % num_tables] += 1
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
+def _substring_values(words: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Bits [start, stop) of each code as an integer (first bit most significant).
+
+    `words: [N, W]` uint64 in the `pack_words64` layout -> `[N]` int64, for stop - start <= 32.
+    """
+    # Byte-swapped, a word holds its 64 code bits in order from the most significant bit.
+    ordered = words.byteswap()
+    value = np.zeros(len(words), np.uint64)
+    for w in range(start // 64, (stop - 1) // 64 + 1):
+        lo, hi = max(start, 64 * w), min(stop, 64 * w + 64)
+        piece = (ordered[:, w] >> np.uint64(64 * w + 64 - hi)) & np.uint64((1 << (hi - lo)) - 1)
+        value = (value << np.uint64(hi - lo)) | piece
+    return value.astype(np.int64)
+
+
+def _substring_masks(bounds: np.ndarray, num_words: int) -> np.ndarray:
+    """`[m, W]` uint64: per table, the bits of its substring in the `pack_words64` layout."""
+    bits = int(bounds[-1])
+    inside = np.zeros((len(bounds) - 1, bits), np.int8) - 1
+    for i in range(len(bounds) - 1):
+        inside[i, bounds[i] : bounds[i + 1]] = 1
+    masks = pack_words64(inside)[0]
+    return np.ascontiguousarray(masks[:, :num_words])
+
+
+@njit(cache=True)
+def _counting_sort(values: np.ndarray, num_buckets: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stable bucket order in O(N). `values: [N]` int64 in [0, num_buckets) -> (ids `[N]` uint32
+    sorted by value, ascending within a value; offsets `[num_buckets + 1]` uint32)."""
+    starts = np.zeros(num_buckets + 1, np.int64)
+    for v in values:
+        starts[v + 1] += 1
+    for b in range(num_buckets):
+        starts[b + 1] += starts[b]
+    fill = starts[:-1].copy()
+    order = np.empty(values.shape[0], np.uint32)
+    for j in range(values.shape[0]):
+        order[fill[values[j]]] = j
+        fill[values[j]] += 1
+    return order, starts.astype(np.uint32)
+
+
+@njit(inline="always")
+def _bucket(table, value, dense, bucket_base, bucket_starts, key_base, keys):  # noqa: ANN001, ANN202
+    """Positions [lo, hi) in sorted_ids[table] of the codes whose substring equals value."""
+    if dense[table]:
+        at = bucket_base[table] + value
+        return np.int64(bucket_starts[at]), np.int64(bucket_starts[at + 1])
+    lo, hi = key_base[table], key_base[table + 1]
+    while lo < hi:  # binary search for value among the table's sorted distinct substrings
+        mid = (lo + hi) // 2
+        if keys[mid] < value:
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo == key_base[table + 1] or keys[lo] != value:
+        return np.int64(0), np.int64(0)
+    at = bucket_base[table] + lo - key_base[table]
+    return np.int64(bucket_starts[at]), np.int64(bucket_starts[at + 1])
+
+
+@njit(cache=True)
+def _mih_query(  # noqa: ANN202
+    query,  # [W] uint64
+    substrings,  # [m] int64: the query's substring values
+    sorted_codes,  # [m, W, N] uint64: per table, the codes in bucket order
+    masks,  # [m, W] uint64: each substring's bits
+    lengths,  # [m] int64
+    sorted_ids,  # [m, N] uint32
+    dense,  # [m] bool
+    bucket_base,  # [m + 1] int64
+    bucket_starts,  # [sum of bucket counts + m] uint32
+    key_base,  # [m + 1] int64
+    keys,  # [sum of sparse tables' distinct values] int64
+    k,
+    bits,
+    budget,
+    out_distances,  # [k] int32
+    out_indices,  # [k] int32
+):
+    """One query's MIH search (module docstring). Writes its top k unless it runs over budget.
+    Returns (over budget, certified radius m * rho + table reached, work = probes + entries)."""
+    num_words, num_tables = query.shape[0], masks.shape[0]
+    min_length = lengths.min()
+    scratch = np.empty(_SCAN_SUB, np.int64)
+    histogram = np.zeros(bits + 1, np.int64)
+    capacity = max(2 * k, 256)
+    found_distances = np.empty(capacity, np.int32)
+    found_indices = np.empty(capacity, np.int32)
+    count = 0
+    keep = bits  # keep distances <= keep: the k-th best so far, once k are found
+    work = 0
+    done = False
+    certified = -1
+    for rho in range(min_length + 1):
+        for table in range(num_tables):
+            substring = substrings[table]
+            # Enumerate the lengths[table]-bit masks with rho bits set (Gosper's hack).
+            mask = (1 << rho) - 1
+            limit = 1 << lengths[table]
+            while mask < limit:
+                lo, hi = _bucket(
+                    table, substring ^ mask, dense, bucket_base, bucket_starts, key_base, keys
+                )
+                work += _PROBE_COST + _ENTRY_COST * (hi - lo)
+                codes = sorted_codes[table]
+                for start in range(lo, hi, _SCAN_SUB):
+                    # A vector pass first: most codes in a bucket are too far to matter.
+                    stop = min(hi, start + _SCAN_SUB)
+                    if _count_closer(query, codes, start, stop, keep + 1, scratch) == 0:
+                        continue
+                    for p in range(start, stop):
+                        distance = _word_distance(query, codes, p)
+                        if distance > keep:
+                            continue
+                        # Seen before iff an earlier table is within rho of the query or a later
+                        # one within rho - 1 (this table is at exactly rho).
+                        seen = False
+                        for other in range(num_tables):
+                            if other == table:
+                                continue
+                            part = 0
+                            for w in range(num_words):
+                                part += _popcount((query[w] ^ codes[w, p]) & masks[other, w])
+                            if part < rho or (part == rho and other < table):
+                                seen = True
+                                break
+                        if seen:
+                            continue
+                        if count == capacity:
+                            # Drop what the k-th best now excludes; grow if ties keep it full.
+                            kept = 0
+                            for c in range(count):
+                                if found_distances[c] <= keep:
+                                    found_distances[kept] = found_distances[c]
+                                    found_indices[kept] = found_indices[c]
+                                    kept += 1
+                            count = kept
+                            if count > capacity // 2:
+                                capacity *= 2
+                                grown_distances = np.empty(capacity, np.int32)
+                                grown_indices = np.empty(capacity, np.int32)
+                                grown_distances[:count] = found_distances[:count]
+                                grown_indices[:count] = found_indices[:count]
+                                found_distances, found_indices = grown_distances, grown_indices
+                        found_distances[count] = distance
+                        found_indices[count] = sorted_ids[table, p]
+                        histogram[distance] += 1
+                        count += 1
+                        if count >= k:
+                            keep = _kth_smallest(histogram, k)
+                if work > budget:
+                    break
+                if rho == 0:
+                    break
+                lowest = mask & -mask
+                ripple = mask + lowest
+                mask = (((ripple ^ mask) >> 2) // lowest) | ripple
+            if work > budget:
+                break
+            certified = num_tables * rho + table
+            if count >= k and keep <= certified:
+                done = True
+                break
+        if done or work > budget:
+            break
+    # Leaving the loop without a certificate means a table was probed at every radius up to
+    # its length, i.e. every code was seen: the result is exact then too.
+    if work > budget and not done:
+        return True, certified, work
+    # Everything at distance <= keep was seen: order it by (distance, index), keep k.
+    order_keys = np.empty(count, np.int64)
+    selected = 0
+    for c in range(count):
+        if found_distances[c] <= keep:
+            order_keys[selected] = (np.int64(found_distances[c]) << 32) | found_indices[c]
+            selected += 1
+    order_keys = np.sort(order_keys[:selected])
+    for c in range(k):
+        out_distances[c] = order_keys[c] >> 32
+        out_indices[c] = order_keys[c] & 0xFFFFFFFF
+    return False, certified, work
+
+
+@njit(parallel=True, cache=True)
+def _mih_kernel(  # noqa: ANN202
+    query_words, query_substrings, tables, k, bits, budget, distances, indices, over, radius, work
+):
+    """`_mih_query` for every row of `query_words: [Q, W]`, in parallel over queries.
+    `tables`: the index arrays in `_mih_query`'s order. Writes distances, indices `[Q, k]` int32,
+    over budget `[Q]` bool, certified radius `[Q]` and work `[Q]` int64."""
+    for q in prange(query_words.shape[0]):
+        # Outputs are separate arguments: in numba 0.68 writes inside a prange loop to arrays
+        # unpacked from a tuple argument are lost.
+        result = _mih_query(
+            query_words[q], query_substrings[q], *tables, k, bits, budget, distances[q], indices[q]
+        )
+        over[q] = result[0]
+        radius[q] = result[1]
+        work[q] = result[2]
+
+
+class MultiIndexHashing:
+    """Exact k-nearest-neighbour search in Hamming space with multi-index hashing.
+
+    `MultiIndexHashing(db_codes)`: `db_codes: [N, K]` sign codes in {-1, +1} (or packed uint8,
+    see `fdh_jax.retrieval`); `num_tables` m defaults to `default_num_tables(N, K)`.
+    `.search(query_codes, k)` returns exactly what `hamming_topk` returns. Memory: the codes
+    (8 ceil(K/64) bytes each) plus `table_bytes` (4 bytes per code per table, plus the offsets).
+    """
+
+    def __init__(self, db_codes: Any, num_tables: int | None = None) -> None:
+        words, bits = pack_words64(db_codes, "db_codes")
+        num_db = words.shape[0]
+        if num_db == 0 or num_db >= 2**31:
+            raise ValueError(f"MultiIndexHashing needs 1 to 2**31 - 1 codes, got {num_db}")
+        if num_tables is None:
+            num_tables = default_num_tables(num_db, bits)
+        if int(num_tables) != num_tables or not 1 <= num_tables <= bits:
+            raise ValueError(f"num_tables must be an integer in [1, {bits}], got {num_tables}")
+        num_tables = int(num_tables)
+        if -(-bits // num_tables) > _MAX_SUBSTRING_BITS:
+            raise ValueError(
+                f"{num_tables} tables cut {bits}-bit codes into substrings of "
+                f"{-(-bits // num_tables)} bits; at most {_MAX_SUBSTRING_BITS} are supported "
+                f"(use at least {-(-bits // _MAX_SUBSTRING_BITS)} tables)"
+            )
+        self.bits = bits
+        self.bounds = substring_bounds(bits, num_tables)
+        self.db_columns = np.ascontiguousarray(words.T)  # [W, N]: the linear scan's layout too
+        sorted_ids, bucket_starts, keys, dense = [], [], [], []
+        for i in range(num_tables):
+            values = _substring_values(words, int(self.bounds[i]), int(self.bounds[i + 1]))
+            length = int(self.bounds[i + 1] - self.bounds[i])
+            is_dense = length <= 16 or 2**length <= 4 * num_db
+            if is_dense:
+                order, boundaries = _counting_sort(values, 2**length)
+            else:
+                order = np.argsort(values, kind="stable")  # ids ascending within each bucket
+                sorted_values = values[order]
+                first = np.flatnonzero(np.diff(sorted_values, prepend=-1))
+                keys.append(sorted_values[first])
+                boundaries = np.append(first, num_db)
+            sorted_ids.append(order.astype(np.uint32))
+            bucket_starts.append(boundaries.astype(np.uint32))
+            dense.append(is_dense)
+        self.sorted_ids = np.stack(sorted_ids)
+        self.bucket_starts = np.concatenate(bucket_starts)
+        self.bucket_base = np.cumsum([0] + [len(b) for b in bucket_starts]).astype(np.int64)
+        self.keys = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+        key_counts = [len(b) - 1 if not d else 0 for b, d in zip(bucket_starts, dense, strict=True)]
+        self.key_base = np.concatenate([[0], np.cumsum(key_counts)]).astype(np.int64)
+        self.dense = np.array(dense, bool)
+        self.sorted_codes = self._gather_sorted_codes()
+        self.last_search_stats: dict[str, Any] = {}
+
+    def _gather_sorted_codes(self) -> np.ndarray:
+        """`[m, W, N]` uint64: per table the codes in bucket order, so that verifying a bucket
+        reads consecutive memory (not one cache miss per entry)."""
+        return np.ascontiguousarray(self.db_columns[:, self.sorted_ids].transpose(1, 0, 2))
+
+    @property
+    def num_tables(self) -> int:
+        """m, the number of substrings and hash tables."""
+        return len(self.bounds) - 1
+
+    def __len__(self) -> int:
+        return self.db_columns.shape[1]
+
+    @property
+    def table_bytes(self) -> int:
+        """Bytes of the hash tables: per table the sorted ids and codes, bucket offsets and
+        distinct keys (the database codes themselves are `code_bytes`)."""
+        tables = (self.sorted_ids, self.sorted_codes, self.bucket_starts, self.keys)
+        return sum(a.nbytes for a in tables)
+
+    @property
+    def code_bytes(self) -> int:
+        """Bytes of the database codes held for verification and the linear-scan fallback."""
+        return self.db_columns.nbytes
+
+    def search(self, query_codes: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact k nearest database codes, ties by database index, as `hamming_topk`.
+
+        `query_codes: [Q, K]` sign codes (or packed uint8); 1 <= k <= N -> (`distances: [Q, k]`
+        int32 ascending, `indices: [Q, k]` int32). A query whose probing exceeds its work budget
+        (`_WORK_PER_ITEM` x N, in linear-scan items) is answered by the linear scan; if most of
+        the first `_PILOT_QUERIES` queries are, all remaining ones are too. `last_search_stats`
+        records how many queries went each way and the median certified radius.
+        """
+        query_words, query_bits = pack_words64(query_codes, "query_codes")
+        if query_bits != self.bits:
+            raise InvalidCodesError(
+                f"query codes have K={query_bits} bits, database codes K={self.bits}: "
+                "they must match"
+            )
+        num_db = len(self)
+        if int(k) != k or not 1 <= k <= num_db:
+            raise ValueError(f"k must be an integer in [1, {num_db}] (database size), got {k}")
+        k = int(k)
+        num_query = len(query_words)
+        pilot = min(num_query, _PILOT_QUERIES)
+        distances, indices, fell_back, radius, work = self._probe(query_words[:pilot], k)
+        if pilot < num_query and 2 * fell_back.sum() <= pilot:
+            rest = self._probe(query_words[pilot:], k)
+            distances, indices, fell_back, radius, work = (
+                np.concatenate([a, b])
+                for a, b in zip((distances, indices, fell_back, radius, work), rest, strict=True)
+            )
+        answered = ~fell_back
+        probed = len(fell_back)
+        # Queries over budget, and all after a pilot that mostly was, take the linear scan.
+        scanned = np.concatenate([np.flatnonzero(fell_back), np.arange(probed, num_query)])
+        distances = np.concatenate([distances, np.zeros((num_query - probed, k), np.int32)])
+        indices = np.concatenate([indices, np.zeros((num_query - probed, k), np.int32)])
+        if scanned.size:
+            distances[scanned], indices[scanned] = _scan_topk(
+                query_words[scanned], self.db_columns, k, self.bits
+            )
+        self.last_search_stats = {
+            "queries": num_query,
+            "answered_by_probing": int(answered.sum()),
+            "answered_by_scan": int(scanned.size),
+            "median_certified_radius": (
+                float(np.median(radius[answered])) if answered.any() else None
+            ),
+            "mean_probe_work": float(work.mean()) if probed else 0.0,
+        }
+        return distances, indices
+
+    def _probe(self, query_words: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+        """Runs the MIH kernel. `query_words: [Q, W]` uint64 -> (distances `[Q, k]`, indices
+        `[Q, k]` int32, fell back `[Q]` bool, certified radius `[Q]`, work `[Q]` int64); rows that
+        fell back hold no result."""
+        num_query = len(query_words)
+        substrings = np.stack(
+            [
+                _substring_values(query_words, int(self.bounds[i]), int(self.bounds[i + 1]))
+                for i in range(self.num_tables)
+            ],
+            axis=1,
+        ).reshape(num_query, self.num_tables)
+        outputs = (
+            np.zeros((num_query, k), np.int32),
+            np.zeros((num_query, k), np.int32),
+            np.zeros(num_query, bool),
+            np.zeros(num_query, np.int64),
+            np.zeros(num_query, np.int64),
+        )
+        if num_query:
+            tables = (
+                self.sorted_codes,
+                _substring_masks(self.bounds, self.db_columns.shape[0]),
+                np.diff(self.bounds),
+                self.sorted_ids,
+                self.dense,
+                self.bucket_base,
+                self.bucket_starts,
+                self.key_base,
+                self.keys,
+            )
+            budget = int(min(len(self) * _WORK_PER_ITEM, 2**62))
+            _mih_kernel(
+                np.ascontiguousarray(query_words),
+                substrings,
+                tables,
+                k,
+                self.bits,
+                budget,
+                *outputs,
+            )
+        return outputs
+
+    # ------------------------------------------------------------------------------ save / load
+
+    def _fields(self) -> dict[str, np.ndarray]:
+        return {
+            "format_version": np.array(MIH_FORMAT_VERSION, np.int64),
+            "bits": np.array(self.bits, np.int64),
+            "bounds": self.bounds,
+            "db_columns": self.db_columns,
+            "sorted_ids": self.sorted_ids,
+            "bucket_starts": self.bucket_starts,
+            "bucket_base": self.bucket_base.astype(np.int64),
+            "keys": self.keys,
+            "key_base": self.key_base,
+            "dense": self.dense,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the index to `path` (one .npz, no pickle, SHA-256 over every field) atomically:
+        a temporary file in the same folder, then `os.replace`."""
+        fields = self._fields()
+        fields["sha256"] = np.frombuffer(_checksum(fields).encode("ascii"), np.uint8)
+        path = os.fspath(path)
+        temporary = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(temporary, "wb") as f:
+                np.savez(f, **fields)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> MultiIndexHashing:
+        """Reads an index written by `save`. Raises `fdh_jax.retrieval.IndexFileError` naming the
+        file if it cannot be read, is of another format version, fails its checksum or is
+        inconsistent."""
+        from fdh_jax.retrieval import IndexFileError  # defined below the import of this module
+
+        path = os.fspath(path)
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                fields = {name: archive[name] for name in archive.files}
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+            raise IndexFileError(f"{path}: not a readable multi-index file ({error})") from error
+        if "format_version" not in fields or "sha256" not in fields:
+            raise IndexFileError(f"{path}: not a multi-index file (no format_version/sha256)")
+        version = int(fields["format_version"])
+        if version != MIH_FORMAT_VERSION:
+            raise IndexFileError(
+                f"{path}: multi-index format version {version}, this code reads "
+                f"version {MIH_FORMAT_VERSION}; rebuild the index"
+            )
+        stored = bytes(fields.pop("sha256")).decode("ascii", "replace")
+        if stored != _checksum(fields):
+            raise IndexFileError(f"{path}: checksum mismatch, the file is corrupted")
+        expected = cls.__new__(cls)
+        try:
+            expected.bits = int(fields["bits"])
+            expected.bounds = fields["bounds"].astype(np.int64)
+            expected.db_columns = np.ascontiguousarray(fields["db_columns"], np.uint64)
+            expected.sorted_ids = np.ascontiguousarray(fields["sorted_ids"], np.uint32)
+            expected.bucket_starts = np.ascontiguousarray(fields["bucket_starts"], np.uint32)
+            expected.bucket_base = fields["bucket_base"].astype(np.int64)
+            expected.keys = fields["keys"].astype(np.int64)
+            expected.key_base = fields["key_base"].astype(np.int64)
+            expected.dense = fields["dense"].astype(bool)
+            expected.last_search_stats = {}
+            expected._check_consistent()
+            expected.sorted_codes = expected._gather_sorted_codes()
+        except (KeyError, ValueError, IndexError) as error:
+            raise IndexFileError(f"{path}: inconsistent multi-index ({error})") from error
+        return expected
+
+    def _check_consistent(self) -> None:
+        """Shapes that the kernel relies on (it does not bounds-check): ValueError if not."""
+        m, num_db = len(self.bounds) - 1, self.db_columns.shape[1]
+        ok = (
+            m >= 1
+            and self.bounds[0] == 0
+            and self.bounds[-1] == self.bits
+            and self.db_columns.shape[0] == -(-self.bits // 64)
+            and self.sorted_ids.shape == (m, num_db)
+            and self.dense.shape == (m,)
+            and self.bucket_base.shape == (m + 1,)
+            and self.key_base.shape == (m + 1,)
+            and self.bucket_base[-1] == len(self.bucket_starts)
+            and self.key_base[-1] == len(self.keys)
+        )
+        if ok:
+            lengths = np.diff(self.bounds)
+            sizes = np.diff(self.bucket_base)
+            ok = bool(np.all(lengths >= 1) and np.all(lengths <= _MAX_SUBSTRING_BITS))
+            ok = ok and bool(np.all(np.where(self.dense, sizes == 2**lengths + 1, True)))
+            ok = ok and bool(
+                np.all(np.where(self.dense, True, sizes == np.diff(self.key_base) + 1))
+            )
+            ok = ok and bool(np.all(self.sorted_ids < num_db))
+        if not ok:
+            raise ValueError("table shapes do not match the codes")
+
+
+def _checksum(fields: dict[str, np.ndarray]) -> str:
+    """SHA-256 over every field's name, dtype, shape and bytes, in sorted name order."""
+    digest = hashlib.sha256()
+    for name in sorted(fields):
+        array = np.ascontiguousarray(fields[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+# fdh_jax.retrieval re-exports MultiIndexHashing, so each module imports the other. Importing at
+# the end lets either be imported first: whichever runs second finds the other's names defined
+# (the kernels above resolve these globals when first compiled, not when defined).
+from fdh_jax.retrieval import (  # noqa: E402
+    _SCAN_SUB,
+    InvalidCodesError,
+    _count_closer,
+    _kth_smallest,
+    _popcount,
+    _scan_topk,
+    _word_distance,
+    pack_words64,
+)
