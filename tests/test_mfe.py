@@ -31,6 +31,32 @@ def test_region_nodes_match_adaptive_average_pooling():
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def _pool(x, rows, cols):
+    """Adaptive average pooling of `[B, H, W, d]` with the given bins -> `[B, bins, d]`."""
+    return np.stack([x[:, r0:r1, c0:c1].mean(axis=(1, 2)) for r0, r1 in rows for c0, c1 in cols], 1)
+
+
+def test_stage_nodes_match_suppressed_and_weighted_pooling():
+    rng = np.random.default_rng(5)
+    floor = 0.25
+    for height, width, rows, cols in [
+        (4, 6, [(0, 2), (2, 4)], [(0, 3), (3, 6)]),  # equal bins: the reduction path
+        (5, 7, [(0, 3), (2, 5)], [(0, 4), (3, 7)]),  # overlapping bins: the matrix path
+    ]:
+        x = rng.normal(size=(2, height, width, 3)).astype(np.float32)
+        w = rng.uniform(size=(2, height, width, 1)).astype(np.float32)
+        fg, bg = mfe.stage_nodes(jnp.asarray(x), jnp.asarray(w), floor, 2)
+        for got, weights in ((fg, w), (bg, 1 - w)):
+            suppressed = x * (floor + (1 - floor) * weights)
+            global_node = (x * weights).sum(axis=(1, 2)) / (weights.sum(axis=(1, 2)) + 1e-6)
+            expected = np.concatenate([global_node[:, None], _pool(suppressed, rows, cols)], 1)
+            np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+        plain, none = mfe.stage_nodes(jnp.asarray(x), None, floor, 2)
+        expected = np.concatenate([x.mean(axis=(1, 2))[:, None], _pool(x, rows, cols)], 1)
+        np.testing.assert_allclose(np.asarray(plain), expected, rtol=1e-5, atol=1e-6)
+        assert none is None
+
+
 def _dense_gat_reference(params, nodes, num_heads):
     """Dense multi-head GAT: softmax over every other node (the graph is complete)."""
     w = np.asarray(params["W"]["kernel"], np.float64)

@@ -54,19 +54,61 @@ def _adaptive_pool_matrix(size: int, bins: int) -> np.ndarray:
 
 def region_nodes(features: jnp.ndarray, grid_size: int) -> jnp.ndarray:
     """Adaptive average pooling of `[B, H, W, d]` onto a grid: `[B, grid_size**2, d]`."""
+    batch, height, width, dim = features.shape
+    if height % grid_size == 0 and width % grid_size == 0:
+        # Equal bins: a reduction, which XLA fuses with whatever computed `features` (a
+        # suppressed map is then never written out at full resolution).
+        blocks = features.reshape(
+            batch, grid_size, height // grid_size, grid_size, width // grid_size, dim
+        )
+        return jnp.mean(blocks, axis=(2, 4)).reshape(batch, grid_size * grid_size, dim)
     rows = jnp.asarray(_adaptive_pool_matrix(features.shape[1], grid_size), features.dtype)
     cols = jnp.asarray(_adaptive_pool_matrix(features.shape[2], grid_size), features.dtype)
     pooled = jnp.einsum("ih,bhwd,jw->bijd", rows, features, cols)
     return pooled.reshape(features.shape[0], grid_size * grid_size, features.shape[-1])
 
 
-def weighted_global_node(features: jnp.ndarray, weights: jnp.ndarray | None) -> jnp.ndarray:
-    """Weighted spatial mean of `[B, H, W, d]` with `[B, H, W, 1]` weights: `[B, 1, d]`."""
+def stage_nodes(
+    features: jnp.ndarray, weights: jnp.ndarray | None, floor: float, grid_size: int
+) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+    """The nodes of one stage: a global node then `g * g` region nodes, `[B, 1 + g * g, d]`.
+
+    Without a mask (`weights=None`): the spatial mean and the region means of `features`, and
+    no background nodes. With the foreground mask `w = weights: [B, H, W, 1]`:
+    - foreground: the `w`-weighted mean, and the region means of the suppressed map
+      `F * (floor + (1 - floor) w)`;
+    - background: the `(1 - w)`-weighted mean, and the region means of
+      `F * (floor + (1 - floor) (1 - w))`.
+    All four are linear in `F` and `F w`, so they are computed from the region and spatial sums
+    of those two maps: `F w` is the only extra full-resolution product (XLA fuses it into the
+    reductions), where forming each suppressed and weighted map took four, forward and backward.
+    """
     if weights is None:
-        return jnp.mean(features, axis=(1, 2))[:, None]
+        mean = jnp.mean(features, axis=(1, 2))[:, None]
+        return jnp.concatenate([mean, region_nodes(features, grid_size)], axis=1), None
     weights = weights.astype(features.dtype)
-    total = jnp.sum(features * weights, axis=(1, 2))
-    return (total / (jnp.sum(weights, axis=(1, 2)) + 1e-6))[:, None]
+    weighted = features * weights
+    area = features.shape[1] * features.shape[2]
+    sum_all = jnp.sum(features, axis=(1, 2))
+    sum_weighted = jnp.sum(weighted, axis=(1, 2))
+    sum_weights = jnp.sum(weights, axis=(1, 2))
+    regions_all = region_nodes(features, grid_size)
+    regions_weighted = region_nodes(weighted, grid_size)
+    foreground = jnp.concatenate(
+        [
+            (sum_weighted / (sum_weights + 1e-6))[:, None],
+            floor * regions_all + (1 - floor) * regions_weighted,
+        ],
+        axis=1,
+    )
+    background = jnp.concatenate(
+        [
+            ((sum_all - sum_weighted) / (area - sum_weights + 1e-6))[:, None],
+            regions_all - (1 - floor) * regions_weighted,
+        ],
+        axis=1,
+    )
+    return foreground, background
 
 
 class GraphAttention(nn.Module):
@@ -163,22 +205,19 @@ class MultiLevelFeatures(nn.Module):
             "stage_embedding", nn.initializers.normal(0.02), (len(self.stages), self.node_dim)
         )
 
-        def build_nodes(weights: jnp.ndarray | None) -> jnp.ndarray:
-            per_stage = []
-            for s, name in enumerate(self.stages):
-                x = projected[name]
-                w = None if weights is None else resize_mask(weights, x.shape[1], x.shape[2])
-                suppressed = x if w is None else x * (self.mask_floor + (1 - self.mask_floor) * w)
-                nodes = jnp.concatenate(
-                    [weighted_global_node(x, w), region_nodes(suppressed, self.grid_size)], axis=1
-                )
-                per_stage.append(nodes + stage_embedding[s].astype(nodes.dtype))
-            return jnp.concatenate(per_stage, axis=1)
-
-        nodes = build_nodes(mask)
+        foreground, background = [], []
+        for s, name in enumerate(self.stages):
+            x = projected[name]
+            w = None if mask is None else resize_mask(mask, x.shape[1], x.shape[2])
+            nodes, background_nodes = stage_nodes(x, w, self.mask_floor, self.grid_size)
+            embedding = stage_embedding[s].astype(nodes.dtype)
+            foreground.append(nodes + embedding)
+            if background_nodes is not None:
+                background.append(background_nodes + embedding)
+        nodes = jnp.concatenate(foreground, axis=1)
         batch = nodes.shape[0]
         if mask is not None:  # the background pass shares every weight: run both as one batch
-            nodes = jnp.concatenate([nodes, build_nodes(1.0 - mask)], axis=0)
+            nodes = jnp.concatenate([nodes, jnp.concatenate(background, axis=1)], axis=0)
 
         if self.use_gnn:
             graph = stage_graph(len(self.stages), self.nodes_per_stage)
