@@ -87,6 +87,14 @@ def map_source(
     mine = slots[:, first : first + local_batch].reshape(-1).astype(np.int32)
     done = 0
     indices = np.where(mine < num_items, mine, 0)
+
+    def gathered(positions: jax.Array, outputs: dict) -> tuple[np.ndarray, dict]:
+        return np.asarray(multihost_utils.process_allgather(positions, tiled=True)), {
+            k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
+            for k, v in outputs.items()
+        }
+
+    pending = None  # the batch in flight: dispatched, not yet read back
     for element in eval_dataset(source, config, indices, transform):
         # `eval_dataset` batches by the global batch size; this process's share of one global
         # batch is `local_batch` of those.
@@ -96,15 +104,14 @@ def map_source(
             part["position"] = mine[done : done + local_batch]
             batch = parallel.global_batch(part, mesh)
             done += local_batch
-            positions = np.asarray(multihost_utils.process_allgather(batch["position"], tiled=True))
-            outputs = fn(variables, model_inputs(batch))
-            yield (
-                positions,
-                {
-                    k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
-                    for k, v in outputs.items()
-                },
-            )
+            # Dispatch this batch before reading the previous one back: the device (or XLA's
+            # CPU pool) computes while the host gathers, and two batches may run at once.
+            dispatched = (batch["position"], fn(variables, model_inputs(batch)))
+            if pending is not None:
+                yield gathered(*pending)
+            pending = dispatched
+    if pending is not None:
+        yield gathered(*pending)
 
 
 def encode_source(

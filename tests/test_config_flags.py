@@ -40,7 +40,7 @@ def run_cli(tmp_path, *arguments: str) -> subprocess.CompletedProcess:
         (
             "--config.data.no_such=1",  # a field of a newer version, say
             "fdh_jax: error: --config.data.no_such: no such config field; did you mean "
-            "data.crop_scale? (fields of data: bad_images, crop_scale, eval_resize, ",
+            "data.crop_scale? (fields of data: bad_images, cached_views, crop_scale, ",
         ),
         (
             "--config.trian.num_steps=3",  # a misspelled section

@@ -170,17 +170,17 @@ from fdh_jax import train
 save = train.save_checkpoint
 def save_then_die(manager, step, state, progress):
     save(manager, step, state, progress)
-    if step == 4:
+    if step == 2:
         manager.wait_until_finished()
         os.kill(os.getpid(), signal.SIGKILL)
 train.save_checkpoint = save_then_die
-train.train_and_evaluate(frozen_config(Path({root!r}), Path({cache!r}), 8), {workdir!r})
+train.train_and_evaluate(frozen_config(Path({root!r}), Path({cache!r}), 4), {workdir!r})
 """
 
 
 def test_resumed_cached_run_matches_an_uninterrupted_one(dataset, tmp_path):
     root, cache = dataset
-    reference = train_and_evaluate(frozen_config(root, cache, 8), tmp_path / "whole")
+    reference = train_and_evaluate(frozen_config(root, cache, 4), tmp_path / "whole")
     assert len(entries(cache)) == 2  # database (3 views) and query (1 view)
 
     workdir = tmp_path / "killed"
@@ -191,7 +191,7 @@ def test_resumed_cached_run_matches_an_uninterrupted_one(dataset, tmp_path):
         [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert killed.returncode == -9, killed.stderr[-2000:]
-    resumed = train_and_evaluate(frozen_config(root, cache, 8), workdir)
+    resumed = train_and_evaluate(frozen_config(root, cache, 4), workdir)
     assert resumed["mAP"] == reference["mAP"]
     losses = [
         {json.loads(line)["step"]: json.loads(line)["loss"] for line in open(w / "metrics.jsonl")}

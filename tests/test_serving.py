@@ -71,13 +71,15 @@ def served(tmp_path_factory):
     weights.rename(tmp / "weights_moved.safetensors")
     names = ("config.json", "model.json", "results.json")
     record = {name: (workdir / name).read_bytes() for name in names}
+    # The two modes both tests below read: run once.
+    _cli(f"--workdir={workdir}", "--mode=encode", f"--images={photos}", f"--index={tmp / 'db.npz'}")
+    _cli(f"--workdir={workdir}", "--mode=export", f"--export_dir={tmp / 'export'}")
     return tmp, workdir, photos, record
 
 
 def test_serving_modes_run_from_the_workdir_alone(served):
     tmp, workdir, photos, record = served
-    index = tmp / "db.npz"
-    _cli(f"--workdir={workdir}", "--mode=encode", f"--images={photos}", f"--index={index}")
+    index = tmp / "db.npz"  # --mode=encode, in the fixture
     loaded = HashIndex.load(index)
     assert loaded.bits == 12 and len(loaded) == 3
     assert json.loads(loaded.encoder_json)["fingerprint"] == inference.variables_fingerprint(
@@ -90,8 +92,7 @@ def test_serving_modes_run_from_the_workdir_alone(served):
     assert lines[0] == f"query: {query}" and len(lines) == 4  # the top 10 of a 3-image index
     assert any(line.endswith(f"d=  0  {query}") for line in lines[1:])  # itself, at distance 0
 
-    export = tmp / "export"
-    _cli(f"--workdir={workdir}", "--mode=export", f"--export_dir={export}")
+    export = tmp / "export"  # --mode=export, in the fixture
     manifest = json.loads((export / "export.json").read_text())
     assert manifest["step"] == 2 and "cpu" in manifest["platforms"]
 
@@ -121,9 +122,7 @@ print(json.dumps({"codes": {k: v.tolist() for k, v in codes.items()}, "loaded": 
 
 def test_export_workdir_and_encode_mode_give_identical_codes(served):
     tmp, workdir, photos, _ = served
-    export, index = tmp / "export_codes", tmp / "codes.npz"
-    _cli(f"--workdir={workdir}", "--mode=export", f"--export_dir={export}")
-    _cli(f"--workdir={workdir}", "--mode=encode", f"--images={photos}", f"--index={index}")
+    export, index = tmp / "export", tmp / "db.npz"  # both written by the CLI in the fixture
     paths = ImageFilesSource(photos).paths  # the order --mode=encode uses
 
     fresh = subprocess.run(

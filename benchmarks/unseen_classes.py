@@ -1,0 +1,161 @@
+"""Retrieval among classes never seen in training: cub100 split by species, 50 / 50.
+
+  python benchmarks/unseen_classes.py                  # build the split, print the commands
+  python benchmarks/unseen_classes.py --run            # and train, evaluate and run baselines
+
+The species of a folder dataset (default: cub100) are sorted by name; the first `--seen` form
+the *seen* dataset, the others the *unseen* one. Both are folder datasets under `--out` made of
+symbolic links to the original files (nothing is copied), each with a `split.csv` that keeps
+the original train (database) / test (query) split of every image.
+
+With `--run` it then:
+1. trains the README's real-photo recipe on the seen species (`python -m fdh_jax.main`, the
+   recipe's flags, `--workdir=OUT/workdir`);
+2. scores that model on the unseen species with `--mode=eval --eval_data=OUT/unseen`: the
+   unseen database is hashed and ranked for the unseen queries;
+3. fits the linear baselines of `feature_baselines.py` on pooled C5 features of the same frozen
+   backbone: PCA-ITQ and LDA-ITQ fitted on the *seen* database and applied to the unseen
+   species (the same information as the model had), and PCA-ITQ fitted on the unseen database
+   itself (unsupervised, so it may see the collection it indexes);
+and prints one table of mAP@all x100.
+"""
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from feature_baselines import SHARED, cached_features, hash_codes
+
+from fdh_jax.data.sources import make_source
+from fdh_jax.metrics import mean_average_precision
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = [  # the README's real-photo command, less --workdir and --config.data.root
+    "--config=configs/folder.py",
+    "--config.model.backbone=mobilenet_v2",
+    f"--config.model.pretrained={SHARED / 'weights' / 'mobilenet_v2_1.0_224_ptq.tflite'}",
+    "--config.model.freeze_backbone=True",
+    "--config.train.optimizer=adamw",
+    "--config.train.learning_rate=1e-3",
+    "--config.train.num_steps=400",
+    "--config.train.warmup_steps=40",
+]
+
+
+def split_by_species(root: Path, out: Path, seen: int) -> tuple[Path, Path]:
+    """Writes `out/seen` and `out/unseen` (links + split.csv); returns both roots."""
+    with open(root / "split.csv", newline="") as f:
+        rows = [(row["path"], row["split"]) for row in csv.DictReader(f)]
+    species = sorted({Path(path).parent.name for path, _ in rows})
+    if not 0 < seen < len(species):
+        raise SystemExit(f"--seen must be in [1, {len(species) - 1}], got {seen}")
+    groups = {"seen": set(species[:seen]), "unseen": set(species[seen:])}
+    roots = {}
+    for name, members in groups.items():
+        subset = out / name
+        listed = [(path, split) for path, split in rows if Path(path).parent.name in members]
+        for path, _ in listed:
+            link = subset / path
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.is_symlink():
+                link.symlink_to((root / path).resolve())
+        with open(subset / "split.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "split"])
+            writer.writerows(listed)
+        roots[name] = subset
+        print(f"{name}: {len(members)} species, {len(listed)} images in {subset}")
+    return roots["seen"], roots["unseen"]
+
+
+def _main(*flags: str) -> None:
+    command = [sys.executable, "-m", "fdh_jax.main", *flags]
+    print("$ " + " ".join(command[1:]), flush=True)
+    subprocess.run(command, cwd=REPO, check=True)
+
+
+def baselines(seen: Path, unseen: Path, bits: list[int], cache_dir: str) -> dict:
+    """mAP x100 of the linear hashes on the unseen species, per method and code length."""
+    args = argparse.Namespace(
+        backbone="mobilenet_v2",
+        weights=str(SHARED / "weights" / "mobilenet_v2_1.0_224_ptq.tflite"),
+        image_size=224,
+        batch=32,
+        cache_dir=cache_dir,
+    )
+    sources = {
+        (name, split): make_source("folder", str(root), split)
+        for name, root in (("seen", seen), ("unseen", unseen))
+        for split in ("train", "test")
+    }
+    features = {key: cached_features(s, args).astype(np.float64) for key, s in sources.items()}
+    query, query_labels = features["unseen", "test"], sources["unseen", "test"].labels
+    database, database_labels = features["unseen", "train"], sources["unseen", "train"].labels
+    table = {}
+    fits = {
+        "PCA-ITQ fitted on the seen species": ("PCA-ITQ", "seen"),
+        "LDA-ITQ fitted on the seen species": ("LDA-ITQ", "seen"),
+        "PCA-ITQ fitted on the unseen database": ("PCA-ITQ", "unseen"),
+    }
+    for label, (method, fitted_on) in fits.items():
+        fit, fit_labels = features[fitted_on, "train"], sources[fitted_on, "train"].labels
+        for k in bits:
+            # hash_codes fits on its first argument and applies the fit to its third.
+            _, unseen_db_codes = hash_codes(method, fit, fit_labels, database, k, seed=0)
+            _, query_codes = hash_codes(method, fit, fit_labels, query, k, seed=0)
+            table[label, k] = 100 * float(
+                mean_average_precision(query_codes, unseen_db_codes, query_labels, database_labels)
+            )
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=str(SHARED / "data" / "cub100"))
+    parser.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "cub100_by_species"))
+    parser.add_argument("--seen", type=int, default=50, help="species used for training")
+    parser.add_argument("--run", action="store_true", help="train, evaluate and run baselines")
+    parser.add_argument(
+        "--cache_dir", default=str(Path(tempfile.gettempdir()) / "fdh_feature_cache")
+    )
+    args = parser.parse_args()
+    out = Path(args.out)
+    seen, unseen = split_by_species(Path(args.data), out, args.seen)
+    workdir = out / "workdir"
+    train = [*RECIPE, f"--workdir={workdir}", f"--config.data.root={seen}"]
+    evaluate = [f"--workdir={workdir}", "--mode=eval", f"--eval_data={unseen}"]
+    if not args.run:
+        print("python -m fdh_jax.main " + " ".join(train))
+        print("python -m fdh_jax.main " + " ".join(evaluate))
+        return
+    start = time.perf_counter()
+    _main(*train)
+    _main(*evaluate)
+    seen_results = json.loads((workdir / "results.json").read_text())
+    unseen_results = json.loads((workdir / "eval" / "unseen" / "results.json").read_text())
+    bits = [int(k) for k in unseen_results["bits"]]
+    table = baselines(seen, unseen, bits, args.cache_dir)
+    table |= {
+        ("FDH-MFE trained on the seen species", k): 100 * unseen_results["mAP"][str(k)]
+        for k in bits
+    }
+    print(
+        f"\nUnseen species ({unseen_results['num_query']} queries, "
+        f"{unseen_results['num_database']} database images), mAP@all x100"
+    )
+    print(f"{'method':<42}" + "".join(f"{f'{k} bits':>9}" for k in bits))
+    for label in dict.fromkeys(key for key, _ in table):
+        print(f"{label:<42}" + "".join(f"{table[label, k]:>9.2f}" for k in bits))
+    seen_map = " / ".join(f"{100 * seen_results['mAP'][str(k)]:.2f}" for k in bits)
+    print(f"(the model on its own seen species' query split: {seen_map})")
+    print(f"total {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
