@@ -60,6 +60,7 @@ import ml_collections
 import numpy as np
 
 from fdh_jax import evaluate, parallel
+from fdh_jax.checksums import file_sha256
 from fdh_jax.data.image_scan import files_digest
 from fdh_jax.data.transforms import eval_transform, train_transform
 from fdh_jax.inference import variables_fingerprint
@@ -191,14 +192,6 @@ class StageMapViews:
         return {s: record[s] for s in self.maps}
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_entry(directory: Path, description: dict) -> str | None:
     """Why the entry at `directory` cannot be used (None if it is complete and intact)."""
     try:
@@ -213,7 +206,7 @@ def _check_entry(directory: Path, description: dict) -> str | None:
             return f"{path.name} is missing"
         if path.stat().st_size != expected["bytes"]:
             return f"{path.name} has {path.stat().st_size} bytes, {expected['bytes']} expected"
-        if _file_sha256(path) != expected["sha256"]:
+        if file_sha256(path) != expected["sha256"]:
             return f"{path.name} does not match its checksum"
     if sorted(manifest.get("files", {})) != description["stages"]:
         return "stages missing from the manifest"
@@ -287,7 +280,7 @@ def _extract(
         path = staging / f"{s}.npy"
         files[s] = {
             "bytes": path.stat().st_size,
-            "sha256": _file_sha256(path),
+            "sha256": file_sha256(path),
             "shape": shapes_out[s],
         }
     return files

@@ -31,7 +31,6 @@ indexes record it, and a search refuses codes from an encoder with another ident
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -44,6 +43,7 @@ import jax
 import numpy as np
 
 from fdh_jax.atomic_files import replace_directory, write_text_atomically
+from fdh_jax.checksums import arrays_sha256, file_sha256
 from fdh_jax.data.decode import decode_image
 from fdh_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
@@ -270,12 +270,8 @@ def unflatten_variables(flat: Mapping[str, Any]) -> dict:
 
 def variables_fingerprint(variables: Mapping) -> str:
     """SHA-256 (hex) over every variable's name, dtype, shape and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name, value in sorted(flatten_variables(variables).items()):
-        array = np.ascontiguousarray(np.asarray(jax.device_get(value)))
-        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
+    flat = flatten_variables(variables)
+    return arrays_sha256({name: np.asarray(jax.device_get(v)) for name, v in flat.items()})
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -489,14 +485,6 @@ def restore_encoder(
 
 
 # ----------------------------------------------------------------------------- export
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _lower_for_platforms(function, *specs) -> tuple[Any, tuple[str, ...]]:
     """`jax.export` for every platform of `EXPORT_PLATFORMS` that lowers here (CPU at least)."""
     from jax import export  # noqa: PLC0415
@@ -567,7 +555,7 @@ def export_encoder(
             "training_config": encoder.training_config,
             "source_workdir": str(Path(workdir).absolute()),
             "sha256": {
-                name: _file_digest(staging / name) for name in (EXPORT_PROGRAM, EXPORT_VARIABLES)
+                name: file_sha256(staging / name) for name in (EXPORT_PROGRAM, EXPORT_VARIABLES)
             },
         }
         (staging / EXPORT_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -623,7 +611,7 @@ def load_export(export_dir: str | os.PathLike) -> ExportedEncoder:
         path = export_dir / name
         if not path.is_file():
             raise ModelFileError(f"{path} is missing: the export is incomplete")
-        if _file_digest(path) != expected:
+        if file_sha256(path) != expected:
             raise ModelFileError(f"{path} does not match its checksum: the export is corrupted")
     platform = jax.default_backend()
     if platform not in manifest["platforms"]:

@@ -21,7 +21,6 @@ offsets (binary search per probe).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import zipfile
@@ -29,6 +28,8 @@ from typing import Any
 
 import numpy as np
 from numba import njit, prange
+
+from fdh_jax.checksums import arrays_sha256
 
 MIH_FORMAT_VERSION = 1
 _MAX_SUBSTRING_BITS = 32  # beyond this a table's radius balls are too large to enumerate
@@ -458,7 +459,7 @@ class MultiIndexHashing:
         """Writes the index to `path` (one .npz, no pickle, SHA-256 over every field) atomically:
         a temporary file in the same folder, then `os.replace`."""
         fields = self._fields()
-        fields["sha256"] = np.frombuffer(_checksum(fields).encode("ascii"), np.uint8)
+        fields["sha256"] = np.frombuffer(arrays_sha256(fields).encode("ascii"), np.uint8)
         path = os.fspath(path)
         temporary = f"{path}.tmp-{os.getpid()}"
         try:
@@ -491,7 +492,7 @@ class MultiIndexHashing:
                 f"version {MIH_FORMAT_VERSION}; rebuild the index"
             )
         stored = bytes(fields.pop("sha256")).decode("ascii", "replace")
-        if stored != _checksum(fields):
+        if stored != arrays_sha256(fields):
             raise IndexFileError(f"{path}: checksum mismatch, the file is corrupted")
         expected = cls.__new__(cls)
         try:
@@ -537,16 +538,6 @@ class MultiIndexHashing:
             ok = ok and bool(np.all(self.sorted_ids < num_db))
         if not ok:
             raise ValueError("table shapes do not match the codes")
-
-
-def _checksum(fields: dict[str, np.ndarray]) -> str:
-    """SHA-256 over every field's name, dtype, shape and bytes, in sorted name order."""
-    digest = hashlib.sha256()
-    for name in sorted(fields):
-        array = np.ascontiguousarray(fields[name])
-        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
 
 
 # fdh_jax.retrieval re-exports MultiIndexHashing, so each module imports the other. Importing at

@@ -20,7 +20,6 @@ database. `MultiIndexHashing` (fdh_jax/multi_index.py) answers the same top-k su
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import zipfile
@@ -33,6 +32,8 @@ import numpy as np
 from jax import lax
 from numba import njit, prange, types
 from numba.extending import intrinsic
+
+from fdh_jax.checksums import arrays_sha256
 
 
 class InvalidCodesError(ValueError):
@@ -463,16 +464,6 @@ class IndexFileError(ValueError):
     """A hash index file that is unreadable, corrupted, or of another format version."""
 
 
-def _index_checksum(fields: dict[str, np.ndarray]) -> str:
-    """SHA-256 over every field's name, dtype, shape and bytes, in sorted name order."""
-    digest = hashlib.sha256()
-    for name in sorted(fields):
-        array = np.ascontiguousarray(fields[name])
-        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
 def _text_field(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), np.uint8)
 
@@ -559,7 +550,7 @@ class HashIndex:
     def save(self, path: str | os.PathLike) -> None:
         """Writes the index to `path` (.npz) atomically (temporary file + rename)."""
         fields = self._fields()
-        fields["sha256"] = _text_field(_index_checksum(fields))
+        fields["sha256"] = _text_field(arrays_sha256(fields))
         path = os.fspath(path)
         temporary = f"{path}.tmp-{os.getpid()}"
         with open(temporary, "wb") as f:
@@ -585,7 +576,7 @@ class HashIndex:
                 f"version {INDEX_FORMAT_VERSION}; re-encode the database"
             )
         stored = bytes(fields.pop("sha256", np.zeros(0, np.uint8))).decode("ascii", "replace")
-        if stored != _index_checksum(fields):
+        if stored != arrays_sha256(fields):
             raise IndexFileError(f"{path}: checksum mismatch, the file is corrupted")
         try:
             bits = int(fields["bits"])

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from fdh_jax import multi_index
+from fdh_jax.checksums import arrays_sha256
 from fdh_jax.retrieval import (
     IndexFileError,
     InvalidCodesError,
@@ -175,7 +176,7 @@ def test_save_load_round_trip_and_checksum(always_probe, tmp_path):
     # too: the kernel does not bounds-check.
     broken = {k: v for k, v in fields.items() if k != "sha256"}
     broken["sorted_ids"] = broken["sorted_ids"][:, :-1].copy()
-    broken["sha256"] = np.frombuffer(multi_index._checksum(broken).encode(), np.uint8)
+    broken["sha256"] = np.frombuffer(arrays_sha256(broken).encode(), np.uint8)
     np.savez(tmp_path / "broken.npz", **broken)
     with pytest.raises(IndexFileError, match="broken.npz: inconsistent"):
         MultiIndexHashing.load(tmp_path / "broken.npz")
