@@ -6,10 +6,13 @@ the process id, so two processes writing the same target never write into one te
 the last rename wins and both results are complete.
 """
 
+import io
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 
 def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> Path:
@@ -30,6 +33,13 @@ def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> Path:
 def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
     """`write_bytes_atomically` for UTF-8 text."""
     return write_bytes_atomically(path, text.encode("utf-8"))
+
+
+def write_npz_atomically(path: str | os.PathLike, arrays: dict) -> Path:
+    """`np.savez` of `arrays` (no pickle) to `path`, through `write_bytes_atomically`."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return write_bytes_atomically(path, buffer.getvalue())
 
 
 def replace_directory(staging: Path, target: Path) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
+from fdh_jax.atomic_files import write_npz_atomically
 from fdh_jax.checksums import arrays_sha256
 
 MIH_FORMAT_VERSION = 1
@@ -460,15 +461,7 @@ class MultiIndexHashing:
         a temporary file in the same folder, then `os.replace`."""
         fields = self._fields()
         fields["sha256"] = np.frombuffer(arrays_sha256(fields).encode("ascii"), np.uint8)
-        path = os.fspath(path)
-        temporary = f"{path}.tmp-{os.getpid()}"
-        try:
-            with open(temporary, "wb") as f:
-                np.savez(f, **fields)
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
+        write_npz_atomically(path, fields)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MultiIndexHashing:

@@ -33,6 +33,7 @@ from jax import lax
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from fdh_jax.atomic_files import write_npz_atomically
 from fdh_jax.checksums import arrays_sha256
 
 
@@ -551,11 +552,7 @@ class HashIndex:
         """Writes the index to `path` (.npz) atomically (temporary file + rename)."""
         fields = self._fields()
         fields["sha256"] = _text_field(arrays_sha256(fields))
-        path = os.fspath(path)
-        temporary = f"{path}.tmp-{os.getpid()}"
-        with open(temporary, "wb") as f:
-            np.savez(f, **fields)
-        os.replace(temporary, path)
+        write_npz_atomically(path, fields)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> HashIndex:
