@@ -5,9 +5,11 @@ Protocol (DESIGN 1.3): database = train split, query = test split, mAP over the 
 unless `config.eval.tie_break` says otherwise.
 """
 
+import collections
 import functools
 import json
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -48,8 +50,15 @@ __all__ = [
 def encode(model, variables: dict, images: Any) -> dict[str, jax.Array]:
     """Binary codes of a batch: `images: [B, H, W, 3]` (or a frozen backbone's stage maps
     `{"C3": [B, ...], ...}`) -> `{"K": int8 [B, K] in {-1, +1}}`."""
-    outputs = model.apply(variables, images, train=False)
-    return {k: binarize(h) for k, h in outputs["hash"].items()}
+
+    def codes(inputs):
+        outputs = model.apply(variables, inputs, train=False)
+        return {k: binarize(h) for k, h in outputs["hash"].items()}
+
+    return parallel.map_in_chunks_on_cpu(codes, images)
+
+
+IN_FLIGHT = 2  # batches of `map_source` computing at once
 
 
 @functools.lru_cache(maxsize=4)
@@ -94,24 +103,39 @@ def map_source(
             for k, v in outputs.items()
         }
 
-    pending = None  # the batch in flight: dispatched, not yet read back
-    for element in eval_dataset(source, config, indices, transform):
-        # `eval_dataset` batches by the global batch size; this process's share of one global
-        # batch is `local_batch` of those.
-        inputs = {k: v for k, v in element.items() if k not in ("label", "index")}
-        for start in range(0, len(element["index"]), local_batch):
-            part = {k: v[start : start + local_batch] for k, v in inputs.items()}
-            part["position"] = mine[done : done + local_batch]
-            batch = parallel.global_batch(part, mesh)
-            done += local_batch
-            # Dispatch this batch before reading the previous one back: the device (or XLA's
-            # CPU pool) computes while the host gathers, and two batches may run at once.
-            dispatched = (batch["position"], fn(variables, model_inputs(batch)))
-            if pending is not None:
-                yield gathered(*pending)
-            pending = dispatched
-    if pending is not None:
-        yield gathered(*pending)
+    # Two batches in flight: the next is dispatched before the previous is read back, so the
+    # device computes while the host gathers. With one process each runs in a thread of its
+    # own: XLA's CPU client then executes both at once (MobileNetV2 over 64-image halves on 2
+    # cores: 223 images/s against 129 one after the other); several processes dispatch in one
+    # order from the main thread, as their collectives require.
+    pool = ThreadPoolExecutor(IN_FLIGHT) if jax.process_count() == 1 else None
+    in_flight: collections.deque[Callable[[], tuple]] = collections.deque()
+
+    def run(batch: dict) -> tuple:
+        return batch["position"], jax.block_until_ready(fn(variables, model_inputs(batch)))
+
+    try:
+        for element in eval_dataset(source, config, indices, transform):
+            # `eval_dataset` batches by the global batch size; this process's share of one
+            # global batch is `local_batch` of those.
+            inputs = {k: v for k, v in element.items() if k not in ("label", "index")}
+            for start in range(0, len(element["index"]), local_batch):
+                part = {k: v[start : start + local_batch] for k, v in inputs.items()}
+                part["position"] = mine[done : done + local_batch]
+                batch = parallel.global_batch(part, mesh)
+                done += local_batch
+                if pool is None:
+                    dispatched = (batch["position"], fn(variables, model_inputs(batch)))
+                    in_flight.append(lambda dispatched=dispatched: dispatched)
+                else:
+                    in_flight.append(pool.submit(run, batch).result)
+                if len(in_flight) >= IN_FLIGHT:
+                    yield gathered(*in_flight.popleft()())
+        while in_flight:
+            yield gathered(*in_flight.popleft()())
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
 
 def encode_source(

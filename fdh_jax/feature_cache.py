@@ -43,6 +43,7 @@ map and writes the entry into its own cache directory (a shared one gets one cop
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -50,7 +51,6 @@ import shutil
 import tempfile
 import time
 import warnings
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -232,7 +232,9 @@ def _extract(
     backbone = get_backbone(model.backbone, width=model.width, dtype=_dtype(model.dtype))
     size = config.data.image_size
     shapes = jax.eval_shape(
-        partial(backbone.apply, train=False), backbone_variables, jnp.zeros((1, size, size, 3))
+        functools.partial(backbone.apply, train=False),
+        backbone_variables,
+        jnp.zeros((1, size, size, 3)),
     )
     arrays = {
         s: np.lib.format.open_memmap(
@@ -242,11 +244,7 @@ def _extract(
     }
     flat = {s: a.reshape(len(source) * views, *a.shape[2:]) for s, a in arrays.items()}
 
-    def maps(variables, images):
-        out = backbone.apply(variables, images, train=False)
-        return {s: out[s].astype(STORAGE_DTYPE) for s in stages}
-
-    fn = jax.jit(maps, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)))
+    fn = _stage_map_function(model.backbone, model.width, model.dtype, tuple(stages), mesh)
     items = _Views(source, views)
 
     def transform(item: int, record: dict) -> dict:
@@ -284,6 +282,22 @@ def _extract(
             "shape": shapes_out[s],
         }
     return files
+
+
+@functools.lru_cache(maxsize=4)
+def _stage_map_function(name: str, width: int, dtype: str, stages: tuple[str, ...], mesh):
+    """`(variables, images) -> {stage: float16 maps}` jitted over `mesh`; cached, so that the
+    database and query splits share one compilation."""
+    backbone = get_backbone(name, width=width, dtype=_dtype(dtype))
+
+    def maps(variables, images):
+        def stored(chunk):
+            out = backbone.apply(variables, chunk, train=False)
+            return {s: out[s].astype(STORAGE_DTYPE) for s in stages}
+
+        return parallel.map_in_chunks_on_cpu(stored, images)
+
+    return jax.jit(maps, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)))
 
 
 def _dtype(name: str):

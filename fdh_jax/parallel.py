@@ -6,8 +6,9 @@ one CPU, eight GPUs or a TPU pod slice; across hosts each process supplies its l
 batch and `jax.make_array_from_process_local_data` assembles the global array.
 """
 
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -81,3 +82,32 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) ->
         key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
         for key, value in local_batch.items()
     }
+
+
+CPU_CHUNK = 4  # examples per step of `map_in_chunks_on_cpu`
+
+
+def map_in_chunks_on_cpu(fn: Callable, inputs, chunk: int = CPU_CHUNK):
+    """`fn(inputs)` for a batch of independent examples; on CPU computed `chunk` at a time.
+
+    XLA's CPU backend runs a convolutional network faster over a few examples at a time, whose
+    activations stay in cache, than over a large batch: MobileNetV2 at 224 px gives 144 images/s
+    in chunks of 4 and 59 images/s as one batch of 128 on the 2-core Xeon of BENCHMARKS.md. The
+    chunks are a `lax.map` chosen when lowering for CPU (`lax.platform_dependent`); other
+    platforms run `fn(inputs)` as one batch. `fn` must not mix examples (eval-mode BatchNorm),
+    and map a pytree of `[B, ...]` arrays to one. A batch size unknown when tracing (a symbolic
+    export dimension) runs as one batch.
+    """
+    batch = jax.tree.leaves(inputs)[0].shape[0]
+    if not isinstance(batch, int):
+        return fn(inputs)
+    chunk = math.gcd(batch, chunk)
+    if chunk in (1, batch):
+        return fn(inputs)
+
+    def chunked(values):
+        split = jax.tree.map(lambda a: a.reshape(batch // chunk, chunk, *a.shape[1:]), values)
+        out = jax.lax.map(fn, split)
+        return jax.tree.map(lambda a: a.reshape(batch, *a.shape[2:]), out)
+
+    return jax.lax.platform_dependent(inputs, cpu=chunked, default=fn)

@@ -10,6 +10,7 @@ evaluation's codes of both splits to `WORKDIR/codes.npz`. Not a test module itse
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,6 +48,10 @@ def main(phase: str, workdir: Path) -> int:
             calls[0] += 1
             if calls[0] == SIGNAL_AT and jax.process_index() == 0:
                 os.kill(os.getpid(), signal.SIGTERM)
+            if calls[0] >= SIGNAL_AT:
+                # The processes agree on the stop step asynchronously: leave the service time
+                # to do so before the last step (tiny steps could otherwise all run first).
+                time.sleep(0.5)
             return fetch(batch, mesh)
 
         parallel.global_batch = fetch_then_signal

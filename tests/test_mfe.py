@@ -1,5 +1,6 @@
 """Multi-level feature extraction: graph structure, pooling and graph attention vs NumPy."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,3 +133,75 @@ def test_background_descriptor_shares_weights_and_differs():
     np.testing.assert_allclose(z_swapped, z_bg, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(z_bg_swapped, z, rtol=1e-5, atol=1e-6)
     assert not np.allclose(z, z_bg)
+
+
+class _ReferenceProjection(nn.Module):
+    """What `project_stage` computes, written with Flax's own conv and BatchNorm."""
+
+    node_dim: int
+
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.Conv(self.node_dim, (1, 1), use_bias=False, name="C3_proj")(x)
+        x = nn.BatchNorm(not train, momentum=0.9, epsilon=1e-5, name="C3_bn")(x)
+        return nn.relu(x)
+
+
+class _Projection(nn.Module):
+    node_dim: int
+
+    @nn.compact
+    def __call__(self, x, train):
+        return mfe.project_stage("C3", x, self.node_dim, train, jnp.float32)
+
+
+def test_project_stage_matches_flax_conv_batchnorm_relu():
+    rng = np.random.default_rng(6)
+    # 3 < 8 channels: statistics from the input's moments; 12 > 8: from the projected map.
+    for channels in (3, 12):
+        x = jnp.asarray(rng.normal(1.0, 2.0, size=(4, 5, 6, channels)), jnp.float32)
+        reference, module = _ReferenceProjection(8), _Projection(8)
+        variables = reference.init(jax.random.key(0), x, False)
+        ours = module.init(jax.random.key(0), x, False)
+        assert jax.tree.structure(ours) == jax.tree.structure(variables)
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(variables), strict=True):
+            np.testing.assert_array_equal(a, b)
+        variables = {  # non-trivial BatchNorm parameters and running statistics
+            "params": {
+                "C3_proj": variables["params"]["C3_proj"],
+                "C3_bn": {"scale": jnp.linspace(0.5, 2, 8), "bias": jnp.linspace(-1, 1, 8)},
+            },
+            "batch_stats": {"C3_bn": {"mean": jnp.linspace(-1, 1, 8), "var": jnp.full(8, 3.0)}},
+        }
+        for train in (False, True):
+            want, want_stats = reference.apply(variables, x, train, mutable=["batch_stats"])
+            got, got_stats = module.apply(variables, x, train, mutable=["batch_stats"])
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+            for a, b in zip(jax.tree.leaves(got_stats), jax.tree.leaves(want_stats), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+        def loss(params, net, variables, x):
+            out, _ = net.apply({**variables, "params": params}, x, True, mutable=["batch_stats"])
+            ramp = jnp.arange(out.size, dtype=out.dtype).reshape(out.shape) / out.size
+            return jnp.sum(out * ramp)
+
+        want = jax.grad(loss)(variables["params"], reference, variables, x)
+        got = jax.grad(loss)(variables["params"], module, variables, x)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_map_in_chunks_on_cpu_equals_one_batch():
+    from fdh_jax import parallel
+
+    x = jnp.asarray(np.random.default_rng(7).normal(size=(12, 5)), jnp.float32)
+    kernel = jnp.asarray(np.random.default_rng(8).normal(size=(5, 3)), jnp.float32)
+
+    def fn(inputs):
+        return {"y": jnp.tanh(inputs["x"] @ kernel), "n": jnp.sum(inputs["x"] ** 2, axis=1)}
+
+    whole = fn({"x": x})
+    for chunk in (4, 5, 12):  # 5 does not divide 12: gcd 1, one batch
+        got = jax.jit(lambda v, c=chunk: parallel.map_in_chunks_on_cpu(fn, v, c))({"x": x})
+        for key in whole:
+            np.testing.assert_allclose(got[key], whole[key], rtol=1e-6, atol=1e-6)

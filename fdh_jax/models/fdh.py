@@ -26,8 +26,9 @@ class FDHMFE(nn.Module):
     Call: `images: [B, H, W, 3] float32 (ImageNet-normalised)`, or the backbone's stage maps
     `{"C3": [B, H3, W3, C3], ...}` computed beforehand (a frozen backbone's features: the backbone
     is skipped and needs no parameters) -> dict with
-      `hash`: `{"K": [B, K] float32 in (-1, 1)}`; `hash_background`: same, or absent without
-      suppression; `class_logits`: `[B, C]` (with the classifier); `proxies`: `{"K": [C, K]}`
+      `hash`: `{"K": [B, K] float32 in (-1, 1)}`; `hash_background`: same, in training
+      with suppression only (the triplet loss's negatives; encoding skips that second pass);
+      `class_logits`: `[B, C]` (with the classifier); `proxies`: `{"K": [C, K]}`
       (with proxies); `mask`: `[B, h, w, 1]` (with suppression); `descriptor`: `[B, D]`.
     """
 
@@ -86,7 +87,7 @@ class FDHMFE(nn.Module):
             mask_floor=self.mask_floor,
             dtype=self.dtype,
             name="mfe",
-        )(stage_maps, mask, train)
+        )(stage_maps, mask, train, background=train)
         outputs["descriptor"] = descriptor.astype(jnp.float32)
 
         heads = {k: nn.Dense(k, dtype=self.dtype, name=f"hash_{k}") for k in self.bits}

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import jraph
 import numpy as np
 
-from fdh_jax.models.backbones import BatchNorm
 from fdh_jax.models.suppression import resize_mask
 
 
@@ -52,20 +51,19 @@ def _adaptive_pool_matrix(size: int, bins: int) -> np.ndarray:
     return matrix
 
 
+def pooling_matrix(height: int, width: int, grid_size: int) -> np.ndarray:
+    """`[g * g, H * W]`: row `i * g + j` averages region `(i, j)` of a row-major `H x W` map
+    (PyTorch adaptive-average-pool bins, which overlap when `g` does not divide the size)."""
+    rows = _adaptive_pool_matrix(height, grid_size)
+    cols = _adaptive_pool_matrix(width, grid_size)
+    return np.einsum("ih,jw->ijhw", rows, cols).reshape(grid_size * grid_size, height * width)
+
+
 def region_nodes(features: jnp.ndarray, grid_size: int) -> jnp.ndarray:
     """Adaptive average pooling of `[B, H, W, d]` onto a grid: `[B, grid_size**2, d]`."""
     batch, height, width, dim = features.shape
-    if height % grid_size == 0 and width % grid_size == 0:
-        # Equal bins: a reduction, which XLA fuses with whatever computed `features` (a
-        # suppressed map is then never written out at full resolution).
-        blocks = features.reshape(
-            batch, grid_size, height // grid_size, grid_size, width // grid_size, dim
-        )
-        return jnp.mean(blocks, axis=(2, 4)).reshape(batch, grid_size * grid_size, dim)
-    rows = jnp.asarray(_adaptive_pool_matrix(features.shape[1], grid_size), features.dtype)
-    cols = jnp.asarray(_adaptive_pool_matrix(features.shape[2], grid_size), features.dtype)
-    pooled = jnp.einsum("ih,bhwd,jw->bijd", rows, features, cols)
-    return pooled.reshape(features.shape[0], grid_size * grid_size, features.shape[-1])
+    pool = jnp.asarray(pooling_matrix(height, width, grid_size), features.dtype)
+    return jnp.einsum("rp,bpd->brd", pool, features.reshape(batch, height * width, dim))
 
 
 def stage_nodes(
@@ -79,21 +77,25 @@ def stage_nodes(
       `F * (floor + (1 - floor) w)`;
     - background: the `(1 - w)`-weighted mean, and the region means of
       `F * (floor + (1 - floor) (1 - w))`.
-    All four are linear in `F` and `F w`, so they are computed from the region and spatial sums
-    of those two maps: `F w` is the only extra full-resolution product (XLA fuses it into the
-    reductions), where forming each suppressed and weighted map took four, forward and backward.
+    All four are linear in `F` and `F w`, so they come from the spatial and region sums of those
+    two maps, which are one batched matrix product of `F` with `[B, 2 (1 + g * g), H * W]`
+    pooling rows: XLA's CPU backend runs that multi-threaded, while reducing the full-resolution
+    map elementwise took most of the train step (README "Real photos").
     """
+    batch, height, width, dim = features.shape
+    area = height * width
+    flat = features.reshape(batch, area, dim)
+    pool = pooling_matrix(height, width, grid_size)
+    rows = jnp.asarray(np.concatenate([np.ones((1, area), np.float32), pool]), features.dtype)
     if weights is None:
-        mean = jnp.mean(features, axis=(1, 2))[:, None]
-        return jnp.concatenate([mean, region_nodes(features, grid_size)], axis=1), None
-    weights = weights.astype(features.dtype)
-    weighted = features * weights
-    area = features.shape[1] * features.shape[2]
-    sum_all = jnp.sum(features, axis=(1, 2))
-    sum_weighted = jnp.sum(weighted, axis=(1, 2))
-    sum_weights = jnp.sum(weights, axis=(1, 2))
-    regions_all = region_nodes(features, grid_size)
-    regions_weighted = region_nodes(weighted, grid_size)
+        sums = jnp.einsum("rp,bpd->brd", rows, flat)
+        return jnp.concatenate([sums[:, :1] / area, sums[:, 1:]], axis=1), None
+    w = weights.reshape(batch, 1, area).astype(features.dtype)
+    all_rows = jnp.broadcast_to(rows, (batch, *rows.shape))
+    sums = jnp.einsum("brp,bpd->brd", jnp.concatenate([all_rows, all_rows * w], axis=1), flat)
+    sum_all, regions_all = sums[:, 0], sums[:, 1 : 1 + pool.shape[0]]
+    sum_weighted, regions_weighted = sums[:, 1 + pool.shape[0]], sums[:, 2 + pool.shape[0] :]
+    sum_weights = jnp.sum(w, axis=2)
     foreground = jnp.concatenate(
         [
             (sum_weighted / (sum_weights + 1e-6))[:, None],
@@ -111,11 +113,98 @@ def stage_nodes(
     return foreground, background
 
 
+class _ConvKernel(nn.Module):
+    """The variable of `nn.Conv(features, (1, 1), use_bias=False)`, returned as `[C, features]`."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, in_features: int) -> jnp.ndarray:
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (1, 1, in_features, self.features)
+        )
+        return kernel.reshape(in_features, self.features)
+
+
+class _BatchNormVariables(nn.Module):
+    """The variables of `nn.BatchNorm` (`scale`, `bias`; running `mean`, `var`, decay 0.9).
+
+    Called with the batch statistics (training), it updates the running averages and returns
+    `(batch_mean, batch_var, scale, bias)`; called without, `(running mean, var, scale, bias)`.
+    """
+
+    features: int
+    momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, batch_mean=None, batch_var=None):
+        shape = (self.features,)
+        mean = self.variable("batch_stats", "mean", jnp.zeros, shape, jnp.float32)
+        var = self.variable("batch_stats", "var", jnp.ones, shape, jnp.float32)
+        scale = self.param("scale", nn.initializers.ones, shape, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, shape, jnp.float32)
+        if batch_mean is None:
+            return mean.value, var.value, scale, bias
+        if not self.is_initializing():
+            mean.value = self.momentum * mean.value + (1 - self.momentum) * batch_mean
+            var.value = self.momentum * var.value + (1 - self.momentum) * batch_var
+        return batch_mean, batch_var, scale, bias
+
+
+def project_stage(
+    name: str, features: jnp.ndarray, node_dim: int, train: bool, dtype: jnp.dtype
+) -> jnp.ndarray:
+    """`relu(BatchNorm(F @ K))`: the 1x1 projection of stage `name`, `[B, H, W, node_dim]`.
+
+    The same function as `nn.Conv(node_dim, (1, 1), use_bias=False)`, `nn.BatchNorm` (eps 1e-5)
+    and ReLU, with their variables at `{name}_proj` and `{name}_bn`, computed with the
+    normalisation folded into the kernel: `relu(F @ (K a) + (beta - mu a))`, `a = gamma /
+    sqrt(var + eps)`. In training, when the stage has fewer channels `C` than `node_dim`, the
+    batch statistics of `F K` come from those of `F` (`mu = mean(F) K`, `var = diag(K^T
+    Cov(F) K)`, a `C x C` covariance), so the projected map is formed once, already normalised,
+    instead of being written, reduced twice and normalised (C3 of MobileNetV2: 32 channels
+    projected to 512 at 28 x 28). Must be called inside a compact Flax method (it creates the
+    two variable-holding submodules there).
+    """
+    batch, height, width, channels = features.shape
+    kernel = _ConvKernel(node_dim, name=f"{name}_proj")(channels)
+    norm = _BatchNormVariables(node_dim, name=f"{name}_bn")
+    flat = features.reshape(-1, channels).astype(dtype)
+    projected = None
+    if not train:
+        mean, var, scale, bias = norm()
+    elif channels < node_dim:
+        moments = flat.astype(jnp.float32)
+        input_mean = jnp.mean(moments, axis=0)
+        centred = moments - input_mean
+        covariance = centred.T @ centred / moments.shape[0]
+        mean, var, scale, bias = norm(
+            input_mean @ kernel, jnp.sum((covariance @ kernel) * kernel, axis=0)
+        )
+    else:
+        projected = (flat @ kernel.astype(dtype)).astype(jnp.float32)
+        batch_mean = jnp.mean(projected, axis=0)
+        batch_var = jnp.maximum(jnp.mean(projected * projected, axis=0) - batch_mean**2, 0.0)
+        mean, var, scale, bias = norm(batch_mean, batch_var)
+    factor = scale * jax.lax.rsqrt(var + 1e-5)
+    shift = bias - mean * factor
+    if projected is None:
+        out = flat @ (kernel * factor).astype(dtype) + shift.astype(dtype)
+    else:
+        out = (projected * factor + shift).astype(dtype)
+    return nn.relu(out).reshape(batch, height, width, node_dim)
+
+
 class GraphAttention(nn.Module):
     """Multi-head graph attention (GAT) with message sum over each receiver's incoming edges.
 
-    `e_ij = LeakyReLU(a^T [W h_i || W h_j])` for receiver `i` and sender `j`, normalised with
-    `jraph.segment_softmax` over the edges into `i`; the heads are concatenated and projected.
+    `e_ij = LeakyReLU(a^T [W h_i || W h_j])` for receiver `i` and sender `j`, normalised with a
+    softmax over the edges into `i`; the heads are concatenated and projected. Every image has
+    the same static structure (`graph.senders`, `graph.receivers`), so the softmax over incoming
+    edges is a softmax over the senders of the `[N, N]` adjacency with non-edges masked out:
+    the numbers of `jraph.segment_softmax` and a segment sum (tests/test_mfe.py compares with a
+    per-edge NumPy loop) as dense `[B, N, N, heads]` products, without the per-edge gathers and
+    scatters that cost XLA's CPU backend several times the layer's matrix products.
     """
 
     num_heads: int
@@ -134,15 +223,14 @@ class GraphAttention(nn.Module):
         score_receiver = jnp.einsum("bnhd,dh->bnh", projected, a_receiver.astype(self.dtype))
         score_sender = jnp.einsum("bnhd,dh->bnh", projected, a_sender.astype(self.dtype))
 
-        senders, receivers = graph.senders, graph.receivers
-
-        def aggregate(values, s_recv, s_send):
-            logits = nn.leaky_relu(s_recv[receivers] + s_send[senders], negative_slope=0.2)
-            attention = jraph.segment_softmax(logits.astype(jnp.float32), receivers, num_nodes)
-            messages = values[senders] * attention[..., None].astype(values.dtype)
-            return jax.ops.segment_sum(messages, receivers, num_nodes)
-
-        out = jax.vmap(aggregate)(projected, score_receiver, score_sender)
+        edges = np.zeros((num_nodes, num_nodes), bool)  # [receiver, sender]
+        edges[np.asarray(graph.receivers), np.asarray(graph.senders)] = True
+        edges = edges[None, :, :, None]
+        logits = score_receiver[:, :, None, :] + score_sender[:, None, :, :]  # [B, i, j, h]
+        logits = nn.leaky_relu(logits, negative_slope=0.2).astype(jnp.float32)
+        attention = jax.nn.softmax(jnp.where(edges, logits, -jnp.inf), axis=2)
+        attention = jnp.where(edges, attention, 0.0)  # a node without incoming edges gets 0
+        out = jnp.einsum("bijh,bjhd->bihd", attention.astype(projected.dtype), projected)
         return nn.Dense(dim, dtype=self.dtype, name="out")(out.reshape(batch, num_nodes, dim))
 
 
@@ -180,7 +268,11 @@ class MultiLevelFeatures(nn.Module):
 
     @nn.compact
     def __call__(
-        self, stage_maps: dict[str, jnp.ndarray], mask: jnp.ndarray | None, train: bool
+        self,
+        stage_maps: dict[str, jnp.ndarray],
+        mask: jnp.ndarray | None,
+        train: bool,
+        background: bool = True,
     ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
         """Computes descriptors.
 
@@ -188,24 +280,23 @@ class MultiLevelFeatures(nn.Module):
           stage_maps: backbone outputs, `{"C3": [B, H3, W3, C3], ...}`.
           mask: `[B, h, w, 1]` foreground mask in (0, 1), or None without suppression.
           train: BatchNorm mode.
+          background: also compute the background descriptor (with a mask).
 
         Returns:
           `(z, z_background)`, each `[B, (S + 1) * node_dim]`; `z_background` is None when
-          `mask` is None. The background descriptor is computed from the same projected maps
-          with the complementary mask `1 - M`, through the same graph and readout.
+          `mask` is None or `background` is False. The background descriptor is computed from
+          the same projected maps with the complementary mask `1 - M`, through the same graph
+          and readout.
         """
-        projected = {}
-        for name in self.stages:
-            x = nn.Conv(
-                self.node_dim, (1, 1), use_bias=False, dtype=self.dtype, name=f"{name}_proj"
-            )(stage_maps[name])
-            x = BatchNorm(use_running_average=not train, dtype=self.dtype, name=f"{name}_bn")(x)
-            projected[name] = nn.relu(x)
+        projected = {
+            name: project_stage(name, stage_maps[name], self.node_dim, train, self.dtype)
+            for name in self.stages
+        }
         stage_embedding = self.param(
             "stage_embedding", nn.initializers.normal(0.02), (len(self.stages), self.node_dim)
         )
 
-        foreground, background = [], []
+        foreground, background_stages = [], []
         for s, name in enumerate(self.stages):
             x = projected[name]
             w = None if mask is None else resize_mask(mask, x.shape[1], x.shape[2])
@@ -213,11 +304,12 @@ class MultiLevelFeatures(nn.Module):
             embedding = stage_embedding[s].astype(nodes.dtype)
             foreground.append(nodes + embedding)
             if background_nodes is not None:
-                background.append(background_nodes + embedding)
+                background_stages.append(background_nodes + embedding)
         nodes = jnp.concatenate(foreground, axis=1)
         batch = nodes.shape[0]
-        if mask is not None:  # the background pass shares every weight: run both as one batch
-            nodes = jnp.concatenate([nodes, jnp.concatenate(background, axis=1)], axis=0)
+        background = background and mask is not None
+        if background:  # the background pass shares every weight: run both as one batch
+            nodes = jnp.concatenate([nodes, jnp.concatenate(background_stages, axis=1)], axis=0)
 
         if self.use_gnn:
             graph = stage_graph(len(self.stages), self.nodes_per_stage)
@@ -229,6 +321,6 @@ class MultiLevelFeatures(nn.Module):
         attention = jax.nn.softmax(scores.astype(jnp.float32), axis=1).astype(nodes.dtype)
         pooled = jnp.sum(attention * nodes, axis=1)
         descriptors = jnp.concatenate([global_nodes, pooled], axis=-1)
-        if mask is None:
+        if not background:
             return descriptors, None
         return descriptors[:batch], descriptors[batch:]
