@@ -96,4 +96,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ev.batch_size = 128  # encoding batch (global)
     ev.precision_at_k = (10, 100)  # report precision@k for these k
     ev.tie_break = "index"  # index: ties by database index | expected | semicon
+    # Validation: a per-class fraction of the database split held out from training (and scored
+    # against the rest of it) to choose a checkpoint without looking at the query split.
+    ev.validation_fraction = 0.0  # 0 = no validation split (train on the whole database split)
+    ev.validation_seed = 0  # fixes which database images are held out (not the run's seed)
+    ev.every = 0  # steps between validation scores (0 = at the last step only)
+    ev.select = "last"  # last | best: the checkpoint scored and served (best validation mAP)
     return config

@@ -190,8 +190,12 @@ def _select_step(workdir: Path, step: int | None) -> int:
     steps = checkpoint_steps(workdir)
     if not steps:
         raise NoCheckpointError(f"no checkpoint in {workdir / 'checkpoints'}: train first")
-    if step is None:
-        return steps[-1]
+    if step is None:  # the model the workdir's results.json scored (eval.select), else the latest
+        try:
+            scored = int(json.loads((workdir / "results.json").read_text())["steps"])
+        except (OSError, ValueError, KeyError, TypeError):
+            scored = None
+        return scored if scored in steps else steps[-1]
     if step not in steps:
         raise NoCheckpointError(
             f"no checkpoint of step {step} in {workdir / 'checkpoints'} "

@@ -24,7 +24,8 @@ import orbax.checkpoint as ocp
 from flax.training import train_state
 
 from fdh_jax import evaluate, feature_cache, inference, parallel
-from fdh_jax.data import load_splits
+from fdh_jax.data import load_splits, validation_split
+from fdh_jax.data.decode import SubsetSource
 from fdh_jax.data.pipeline import iterate, model_inputs, train_dataset
 from fdh_jax.data.transforms import eval_transform
 from fdh_jax.losses import total_loss
@@ -230,10 +231,30 @@ def train_step(
 
 
 # ---------------------------------------------------------------------------------- checkpoints
+VALIDATION_METRIC = "validation_mAP"  # saved with a checkpoint: mean over the code lengths
+
+
 def checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.train.keep_checkpoints, create=True, enable_async_checkpointing=True
-    )
+    """Orbax manager of `workdir/checkpoints`: the newest `train.keep_checkpoints`, and with
+    `eval.select=best` also the checkpoint of the best validation mAP (ties: the later step)."""
+    if config.eval.select == "best":
+        preservation = ocp.checkpoint_managers.AnyPreservationPolicy(
+            [
+                ocp.checkpoint_managers.LatestN(config.train.keep_checkpoints),
+                ocp.checkpoint_managers.BestN(
+                    get_metric_fn=lambda metrics: metrics[VALIDATION_METRIC],
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                ),
+            ]
+        )
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=preservation, create=True, enable_async_checkpointing=True
+        )
+    else:
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=config.train.keep_checkpoints, create=True, enable_async_checkpointing=True
+        )
     return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options)
 
 
@@ -249,13 +270,60 @@ def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState, step: 
     return restored.state, restored.progress
 
 
-def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: TrainState, progress: dict):
+def save_checkpoint(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: TrainState,
+    progress: dict,
+    metrics: dict | None = None,
+):
     manager.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)
         ),
+        metrics=metrics,
     )
+
+
+# ---------------------------------------------------------------------------------- validation
+def validation_sources(config: ml_collections.ConfigDict, database: Any) -> tuple[Any, Any]:
+    """`(training part, validation)` of the database inputs; `validation` is `(queries,
+    database)` for scoring (the held-out images against the training part), or None when
+    `eval.validation_fraction` is 0. The query split is never touched."""
+    fraction = config.eval.validation_fraction
+    if fraction <= 0:
+        return database, None
+    train, held_out = validation_split(database.labels, fraction, config.eval.validation_seed)
+    if held_out.size == 0:
+        raise ValueError(
+            f"eval.validation_fraction={fraction} holds out no image of the {len(database)} "
+            "database images (each class keeps at least one for training): raise it or set 0"
+        )
+    training = SubsetSource(database, train)
+    return training, (SubsetSource(database, held_out), training)
+
+
+def validation_scores(model, state: TrainState, validation: tuple[Any, Any], config, mesh):
+    """mAP@all per code length of the held-out images against the training part, and their
+    mean over the code lengths (`"mean"`: what `eval.select=best` ranks)."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    queries, database = validation
+    query_codes, query_labels = evaluate.encode_source(model, variables, queries, config, mesh)
+    db_codes, db_labels = evaluate.encode_source(model, variables, database, config, mesh)
+    scores = {
+        k: float(
+            evaluate.mean_average_precision(
+                query_codes[k],
+                db_codes[k],
+                query_labels,
+                db_labels,
+                tie_break=config.eval.tie_break,
+            )
+        )
+        for k in map(str, config.bits)
+    }
+    return scores | {"mean": float(np.mean(list(scores.values())))}
 
 
 # ---------------------------------------------------------------------------------- logging
@@ -282,6 +350,13 @@ def _log_step(step: int, total: int, metrics: dict, images_per_second: float, wr
     )
     if writer is not None:
         writer.write(step, {**metrics, "images_per_second": images_per_second})
+
+
+def _log_validation(step: int, total: int, scores: dict, writer) -> None:
+    lengths = " ".join(f"{k}:{100 * v:.2f}" for k, v in scores.items() if k != "mean")
+    report(f"step {step}/{total} | validation mAP x100 {lengths} | mean {100 * scores['mean']:.2f}")
+    if writer is not None:
+        writer.write(step, {f"validation/mAP_{k}": v for k, v in scores.items()})
 
 
 # ---------------------------------------------------------------------------------- main entry
@@ -387,7 +462,12 @@ def prepare_run(
 
 
 def _evaluate_and_report(
-    run: Run, config, workdir: Path, train_seconds: float, inputs: tuple[Any, Any]
+    run: Run,
+    config,
+    workdir: Path,
+    train_seconds: float,
+    inputs: tuple[Any, Any],
+    extra_results: dict | None = None,
 ) -> dict:
     variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
     steps = int(run.state.step)
@@ -401,6 +481,7 @@ def _evaluate_and_report(
         workdir,
         steps=steps,
         train_seconds=train_seconds,
+        extra_results=extra_results,
         inputs=inputs,
     )
     if jax.process_index() == 0:
@@ -436,8 +517,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     database_inputs, query_inputs = feature_cache.cached_splits(
         config, run.database, run.query, backbone_variables, mesh
     )
+    train_inputs, validation = validation_sources(config, database_inputs)
     dataset = train_dataset(
-        database_inputs,
+        train_inputs,
         config,
         total_steps,
         process_index=jax.process_index(),
@@ -457,6 +539,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         donate_argnums=0,
     )
     train_seconds = float(progress["train_seconds"])
+    scored = progress.get("validation")  # {"step", "mAP"}: the latest validation scores
+    best = progress.get("best")  # {"step", "mAP"}: the best so far (ties: the later step)
     if start_step < total_steps:
         report(
             f"Training {config.model.backbone} on {config.data.name} ({len(run.database)} images, "
@@ -486,18 +570,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                             "batch_size": config.train.batch_size,
                         }
                         _log_step(step, total_steps, metrics, rate, writer)
+                    validating = validation is not None and (
+                        step == total_steps
+                        or (config.eval.every > 0 and step % config.eval.every == 0)
+                    )
+                    if validating:
+                        scores = validation_scores(run.model, state, validation, config, mesh)
+                        scored = {"step": step, "mAP": scores}
+                        if best is None or scores["mean"] >= best["mAP"]["mean"]:
+                            best = scored
+                        _log_validation(step, total_steps, scores, writer)
                     preempted = notice.reached(manager, step)
                     if (
                         step % config.train.checkpoint_every == 0
                         or step == total_steps
                         or preempted
+                        or (validating and config.eval.select == "best")
                     ):
                         elapsed = train_seconds + time.perf_counter() - segment_start
                         save_checkpoint(
                             manager,
                             step,
                             state,
-                            {"data": iterator.get_state(), "train_seconds": elapsed},
+                            {
+                                "data": iterator.get_state(),
+                                "train_seconds": elapsed,
+                                "validation": scored,
+                                "best": best,
+                            },
+                            {VALIDATION_METRIC: scored["mAP"]["mean"]} if validating else None,
                         )
                     if preempted and step < total_steps:
                         manager.wait_until_finished()
@@ -512,8 +613,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         report(f"Checkpoint at step {start_step} is final: evaluating without training.")
 
     # ---- evaluation
+    selected = None
+    if validation is not None:
+        chosen = best if config.eval.select == "best" else scored
+        selected = {
+            "rule": "best validation mAP" if config.eval.select == "best" else "last step",
+            "step": int(chosen["step"]) if config.eval.select == "best" else int(state.step),
+            "validation_mAP": chosen["mAP"],
+            "validation_queries": len(validation[0]),
+            "validation_database": len(validation[1]),
+        }
+        if selected["step"] != int(state.step):
+            state, _ = restore_checkpoint(manager, state, selected["step"])
+            report(f"Selected step {selected['step']} (best validation mAP).")
     results = _evaluate_and_report(
-        run._replace(state=state), config, workdir, train_seconds, (query_inputs, database_inputs)
+        run._replace(state=state),
+        config,
+        workdir,
+        train_seconds,
+        (query_inputs, database_inputs),
+        None if selected is None else {"selected": selected},
     )
     manager.close()
     return results

@@ -12,6 +12,7 @@ from fdh_jax.models.backbones import BACKBONES, STAGE_NAMES
 OPTIMIZERS = ("sgd", "adamw")
 DTYPES = ("float32", "bfloat16")
 TIE_BREAKS = ("index", "expected", "semicon")
+SELECTIONS = ("last", "best")
 BAD_IMAGE_POLICIES = ("error", "skip")
 
 
@@ -191,4 +192,20 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         all(k > 0 for k in ev.precision_at_k),
         "eval.precision_at_k",
         f"must be positive, got {tuple(ev.precision_at_k)}",
+    )
+    _check(
+        0.0 <= ev.validation_fraction < 1.0,
+        "eval.validation_fraction",
+        f"must be in [0, 1), got {ev.validation_fraction}",
+    )
+    _check(ev.every >= 0, "eval.every", f"must be >= 0, got {ev.every}")
+    _check(
+        ev.select in SELECTIONS,
+        "eval.select",
+        f"must be one of {', '.join(SELECTIONS)}, got {ev.select!r}",
+    )
+    _check(
+        ev.select == "last" or ev.validation_fraction > 0,
+        "eval.select",
+        "'best' needs a validation split: set eval.validation_fraction (e.g. 0.1)",
     )

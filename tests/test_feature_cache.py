@@ -168,8 +168,8 @@ from pathlib import Path
 from test_feature_cache import frozen_config
 from fdh_jax import train
 save = train.save_checkpoint
-def save_then_die(manager, step, state, progress):
-    save(manager, step, state, progress)
+def save_then_die(manager, step, state, progress, *rest):
+    save(manager, step, state, progress, *rest)
     if step == 2:
         manager.wait_until_finished()
         os.kill(os.getpid(), signal.SIGKILL)

@@ -31,8 +31,8 @@ sys.path.insert(0, {tests!r})
 from conftest import tiny_config
 from fdh_jax import train
 save = train.save_checkpoint
-def save_then_die(manager, step, state, progress):
-    save(manager, step, state, progress)
+def save_then_die(manager, step, state, progress, *rest):
+    save(manager, step, state, progress, *rest)
     if step == {kill_at}:
         os.kill(os.getpid(), signal.SIGKILL)
 train.save_checkpoint = save_then_die

@@ -13,6 +13,7 @@ _EXPORTS = {
     "SyntheticFineGrained": "fdh_jax.data.synthetic",
     "load_split": "fdh_jax.data.splits",
     "load_splits": "fdh_jax.data.splits",
+    "validation_split": "fdh_jax.data.splits",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -419,6 +419,18 @@ class SubsetSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.parent[int(self.indices[index])]
 
+    def __getattr__(self, name: str) -> Any:
+        # A parent of stored stage-map views (`fdh_jax.feature_cache.StageMapViews`) also
+        # offers `num_views`, `model_inputs` and `view_inputs(index, view)`: so does the subset.
+        if name in ("num_views", "model_inputs") or name == "view_inputs":
+            parent_attribute = getattr(
+                self.__dict__.get("parent"), name
+            )  # AttributeError if absent
+            if name != "view_inputs":
+                return parent_attribute
+            return lambda index, view: parent_attribute(int(self.indices[index]), view)
+        raise AttributeError(name)
+
     def __repr__(self) -> str:
         return f"SubsetSource({self.parent!r}, {len(self)} of {len(self.parent)} items)"
 

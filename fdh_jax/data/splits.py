@@ -5,6 +5,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from fdh_jax.data.image_scan import scan_splits
 from fdh_jax.data.sources import make_source
@@ -70,3 +71,25 @@ def load_split(
     Prefer `load_splits` for both splits: its "error" lists the bad files of both at once.
     """
     return load_splits(config, (split,), check_images=check_images, cache_dir=cache_dir)[split]
+
+
+def validation_split(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`(train_indices, validation_indices)`: a per-class, seeded hold-out of a database split.
+
+    Each class with `n` images gives `round(fraction * n)` of them to validation (a random
+    choice fixed by `(seed, class)`, so it does not change with the other classes), keeping at
+    least one for training. Both index arrays are sorted; together they are `range(len(labels))`.
+    """
+    labels = np.asarray(labels)
+    validation = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = min(int(np.floor(fraction * members.size + 0.5)), members.size - 1)
+        if count > 0:
+            rng = np.random.default_rng([seed, int(label)])
+            validation.append(rng.choice(members, size=count, replace=False))
+    held_out = np.sort(np.concatenate(validation)) if validation else np.zeros(0, np.int64)
+    train = np.setdiff1d(np.arange(labels.size), held_out)
+    return train, held_out

@@ -1,0 +1,33 @@
+"""FDH-MFE on a frozen ImageNet MobileNetV2, for any folder dataset: the CPU recipe.
+
+  python -m fdh_jax.main --config=configs/frozen_mobilenet_v2.py --workdir=W \
+      --config.data.root=DIR --config.model.pretrained=mobilenet_v2_1.0_224_ptq.tflite
+
+Only background suppression, the multi-level graph and the heads learn; the backbone's stage maps
+come from the feature cache (`fdh_jax/feature_cache.py`), so a run costs minutes on a laptop CPU
+after the first. The recipe was chosen on a validation split of the database only (10% per
+class, scored every `eval.every` steps; the checkpoint with the best validation mAP is the one
+evaluated and served): the choices and what each was worth are in BENCHMARKS.md, "Frozen
+MobileNetV2 recipe". The query split plays no part in any choice.
+"""
+
+from pathlib import Path
+
+import ml_collections
+
+from fdh_jax.config_files import load_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """`configs/folder.py` with a frozen pretrained MobileNetV2; `arg` = dataset root."""
+    config = load_config(Path(__file__).with_name("folder.py"), arg)
+    config.model.backbone = "mobilenet_v2"
+    config.model.freeze_backbone = True  # needs --config.model.pretrained=FILE (.tflite)
+    config.train.optimizer = "adamw"
+    config.train.learning_rate = 1e-3
+    config.train.num_steps = 400
+    config.train.warmup_steps = 40
+    config.eval.validation_fraction = 0.1
+    config.eval.every = 100
+    config.eval.select = "best"
+    return config

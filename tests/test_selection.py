@@ -1,0 +1,98 @@
+"""Validation split and checkpoint selection: held-out images, best-step choice, serving it."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from fdh_jax import train
+from fdh_jax.data import load_splits, validation_split
+from fdh_jax.inference import load_encoder
+
+
+def test_validation_split_is_per_class_disjoint_and_stable():
+    labels = np.repeat(np.arange(5), [1, 2, 10, 7, 20])
+    fit, held_out = validation_split(labels, 0.2, seed=3)
+    assert np.intersect1d(fit, held_out).size == 0
+    np.testing.assert_array_equal(np.sort(np.concatenate([fit, held_out])), np.arange(labels.size))
+    # round(0.2 n) per class, at least one image of each class left for training.
+    counts = np.bincount(labels[held_out], minlength=5)
+    np.testing.assert_array_equal(counts, [0, 0, 2, 1, 4])
+    assert set(labels[fit]) == set(range(5))
+    again = validation_split(labels, 0.2, seed=3)
+    np.testing.assert_array_equal(again[1], held_out)
+    other = validation_split(labels, 0.2, seed=4)[1]
+    assert not np.array_equal(other, held_out)
+    assert validation_split(labels, 0.0, seed=3)[1].size == 0
+
+
+def test_validation_images_come_from_the_database_split_only():
+    config = tiny_config()
+    config.eval.validation_fraction = 0.34
+    splits = load_splits(config, ("train", "test"))
+    training, (queries, database) = train.validation_sources(config, splits["train"])
+    assert len(queries) == 4 * 2 and len(training) == len(database) == 4 * 4
+    assert set(queries.indices).isdisjoint(training.indices)
+    assert len(set(queries.indices) | set(training.indices)) == len(splits["train"])
+    # Held-out images are database images: none of them is a query image.
+    for i in range(len(queries)):
+        held = queries[i]["image"]
+        assert not any(np.array_equal(held, splits["test"][j]["image"]) for j in range(12))
+
+
+@pytest.mark.parametrize("select", ["best", "last"])
+def test_select_best_scores_and_serves_the_best_validation_step(tmp_path, monkeypatch, select):
+    curve = {2: 0.30, 4: 0.55, 6: 0.40, 8: 0.50}  # a forced validation curve: best at step 4
+    seen = []
+
+    def forced(model, state, validation, config, mesh):
+        step = int(state.step)
+        seen.append(step)
+        return {"8": curve[step], "12": curve[step], "mean": curve[step]}
+
+    monkeypatch.setattr(train, "validation_scores", forced)
+    config = tiny_config(num_steps=8)
+    config.train.checkpoint_every = 8
+    config.train.keep_checkpoints = 1
+    config.eval.validation_fraction = 0.34
+    config.eval.every = 2
+    config.eval.select = select
+    results = train.train_and_evaluate(config, tmp_path)
+
+    assert seen == [2, 4, 6, 8]
+    expected = 4 if select == "best" else 8
+    assert results["steps"] == expected
+    assert results["selected"]["step"] == expected
+    assert results["selected"]["validation_mAP"]["mean"] == curve[expected]
+    assert results["selected"]["validation_queries"] == 8
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == ([4, 8] if select == "best" else [8])
+    assert load_encoder(tmp_path).step == expected
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    validation_rows = [row for row in logged if "validation/mAP_mean" in row]
+    assert [row["step"] for row in validation_rows] == [2, 4, 6, 8]
+
+
+def test_select_best_without_a_validation_split_is_refused():
+    from fdh_jax.validation import validate_config
+
+    config = tiny_config()
+    config.eval.select = "best"
+    with pytest.raises(ValueError, match="eval.validation_fraction"):
+        validate_config(config, 1)
+    config.eval.validation_fraction = 0.1
+    validate_config(config, 1)
+    config.eval.select = "newest"
+    with pytest.raises(ValueError, match="eval.select"):
+        validate_config(config, 1)
+
+
+def test_frozen_mobilenet_v2_recipe_selects_on_validation_only():
+    from conftest import load_config
+
+    config = load_config("frozen_mobilenet_v2")
+    assert config.data.name == "folder" and config.model.backbone == "mobilenet_v2"
+    assert config.model.freeze_backbone and config.eval.select == "best"
+    assert 0 < config.eval.validation_fraction < 1
