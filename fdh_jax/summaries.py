@@ -13,18 +13,37 @@ from pathlib import Path
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+from fdh_jax.atomic_files import write_text_atomically
+
 
 class MetricWriter:
     """Appends scalars to `workdir/metrics.jsonl` and TensorBoard events in `workdir/tensorboard`.
 
-    A resumed run appends to the same JSON lines file and starts a new event file; TensorBoard
-    merges the event files of a directory by step.
+    A resumed run (`resumed_at`: the restored step) appends to the same JSON lines file and
+    starts a new event file. A run killed after logging steps it had not yet checkpointed logs
+    them again after the restart, so each step appears once: the rows past `resumed_at` are
+    dropped from `metrics.jsonl` (rewritten atomically), and the new event file starts with a
+    `SessionLog.START` at step `resumed_at + 1`, TensorBoard's signal to discard the older
+    events from that step on.
     """
 
-    def __init__(self, workdir: Path, *, jsonl: bool = True):
+    def __init__(self, workdir: Path, *, jsonl: bool = True, resumed_at: int | None = None):
         """`jsonl=False`: TensorBoard events only (evaluation results live in results.json)."""
-        self._jsonl = open(Path(workdir) / "metrics.jsonl", "a") if jsonl else None  # noqa: SIM115
+        path = Path(workdir) / "metrics.jsonl"
+        if jsonl and resumed_at is not None and path.is_file():
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resumed_at
+            ]
+            write_text_atomically(path, "".join(f"{line}\n" for line in kept))
+        self._jsonl = open(path, "a") if jsonl else None  # noqa: SIM115
         self._events = EventFileWriter(str(Path(workdir) / "tensorboard"))
+        if resumed_at is not None:
+            start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+            self._events.add_event(
+                event_pb2.Event(wall_time=time.time(), step=resumed_at + 1, session_log=start)
+            )
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         """Logs `scalars` at `step`."""

@@ -548,7 +548,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             f"{config.train.batch_size}, {jax.device_count()} device(s)."
         )
         iterator = iterate(dataset, progress["data"])
-        writer = MetricWriter(workdir) if is_main else None
+        writer = MetricWriter(workdir, resumed_at=start_step) if is_main else None
         window_start, window_steps = time.perf_counter(), 0
         segment_start = time.perf_counter()
         try:

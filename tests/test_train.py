@@ -61,16 +61,21 @@ def test_train_and_evaluate_writes_results(finished_run):
     assert all(json.loads(line)["loss"] > 0 for line in lines)
 
 
+def _events(path):
+    """The events of one TFRecord event file, in order."""
+    data = path.read_bytes()
+    offset = 0
+    while offset < len(data):  # record: u64 length, u32 crc, payload, u32 crc
+        (length,) = struct.unpack_from("<Q", data, offset)
+        yield event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+        offset += 12 + length + 4
+
+
 def _tensorboard_scalars(directory) -> dict[tuple[str, int], float]:
     """Every scalar in the TFRecord event files of `directory`: `{(tag, step): value}`."""
     scalars = {}
     for path in sorted(directory.glob("events.out.tfevents.*")):
-        data = path.read_bytes()
-        offset = 0
-        while offset < len(data):  # record: u64 length, u32 crc, payload, u32 crc
-            (length,) = struct.unpack_from("<Q", data, offset)
-            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
-            offset += 12 + length + 4
+        for event in _events(path):
             for value in event.summary.value:
                 scalars[value.tag, event.step] = value.simple_value
     return scalars
@@ -115,9 +120,18 @@ def test_sigkill_then_restart_matches_uninterrupted_run(finished_run, tmp_path):
         json.loads(line)["step"]: json.loads(line)["loss"]
         for line in (reference_dir / "metrics.jsonl").read_text().splitlines()
     }
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        entry = json.loads(line)
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logged] == list(range(1, 9))  # each step once
+    for entry in logged:
         assert entry["loss"] == pytest.approx(reference_losses[entry["step"]], rel=1e-6)
+    # TensorBoard: the restart's event file begins by discarding the steps after the restore.
+    restarts = [
+        event.step
+        for path in sorted((workdir / "tensorboard").glob("events.out.tfevents.*"))
+        for event in _events(path)
+        if event.HasField("session_log")
+    ]
+    assert len(restarts) == 2 and restarts[0] == 1 and restarts[1] in (5, 7)
 
 
 def test_evaluation_writes_figures_and_extra_metrics(finished_run):
