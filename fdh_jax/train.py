@@ -2,9 +2,10 @@
 
 One linear procedure in banner sections: config check, mesh, data, model, optimiser, checkpoint,
 loop, evaluation. The update step is one `jax.jit` over the `('data',)` mesh. Everything that
-decides a run's trajectory (parameters, optimiser state, step, grain iterator state) is in the
-checkpoint, and the batches and augmentation are pure functions of (seed, step), so a run that is
-killed and restarted from its workdir ends exactly where an uninterrupted run would.
+decides a run's trajectory (parameters, optimiser state, step) is in the checkpoint, and the
+batches and augmentation are pure functions of (seed, step), so a run that is killed and
+restarted from its workdir, with any number of input workers or threads, ends exactly where an
+uninterrupted run would.
 """
 
 import math
@@ -26,7 +27,7 @@ from flax.training import train_state
 from fdh_jax import evaluate, feature_cache, inference, parallel
 from fdh_jax.data import load_splits, validation_split
 from fdh_jax.data.decode import SubsetSource
-from fdh_jax.data.pipeline import iterate, model_inputs, train_dataset
+from fdh_jax.data.pipeline import model_inputs, train_dataset
 from fdh_jax.data.transforms import eval_transform
 from fdh_jax.losses import total_loss
 from fdh_jax.models.backbones import get_backbone
@@ -453,7 +454,7 @@ def prepare_run(
         config, model, make_optimizer(config, total_steps), mesh, calibration
     )
     manager = checkpoint_manager(workdir, config)
-    progress = {"data": None, "train_seconds": 0.0}
+    progress = {"train_seconds": 0.0}
     latest = manager.latest_step()
     if latest is not None:
         state, progress = restore_checkpoint(manager, state, latest)
@@ -524,6 +525,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         total_steps,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        first_step=start_step,
     )
 
     # ---- loop
@@ -547,7 +549,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             f"{run.database.num_classes} classes) for {total_steps} steps, batch "
             f"{config.train.batch_size}, {jax.device_count()} device(s)."
         )
-        iterator = iterate(dataset, progress["data"])
+        iterator = iter(dataset)
         writer = MetricWriter(workdir, resumed_at=start_step) if is_main else None
         window_start, window_steps = time.perf_counter(), 0
         segment_start = time.perf_counter()
@@ -593,7 +595,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                             step,
                             state,
                             {
-                                "data": iterator.get_state(),
                                 "train_seconds": elapsed,
                                 "validation": scored,
                                 "best": best,

@@ -59,3 +59,13 @@ def test_eval_batches_keep_dataset_order(tiny):
         np.concatenate([b["index"] for b in batches]), np.arange(len(source))
     )
     np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]), source.labels)
+
+
+def test_batches_from_a_step_do_not_depend_on_workers_or_threads(tiny):
+    source = load_split(tiny, "train")
+    whole = [b["image"] for b in iterate(train_dataset(source, tiny, 5))]
+    tiny.data.num_threads, tiny.data.num_workers = 1, 1  # another input topology after a restart
+    resumed = [b["image"] for b in iterate(train_dataset(source, tiny, 5, first_step=2))]
+    assert len(resumed) == 3
+    for got, expected in zip(resumed, whole[2:], strict=True):
+        np.testing.assert_array_equal(got, expected)

@@ -112,7 +112,9 @@ def test_sigkill_then_restart_matches_uninterrupted_run(finished_run, tmp_path):
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (workdir / "results.json").exists()
 
-    resumed = train_and_evaluate(tiny_config(num_steps=8), workdir)
+    restarted = tiny_config(num_steps=8)  # restarted with another input-pipeline topology
+    restarted.data.num_threads, restarted.data.num_workers = 1, 1
+    resumed = train_and_evaluate(restarted, workdir)
     for k, value in reference["mAP"].items():
         assert abs(resumed["mAP"][k] - value) <= 1e-6
     # The losses logged after the restart equal the uninterrupted run's at the same steps.

@@ -20,6 +20,7 @@ from typing import Any
 import grain
 import ml_collections
 import numpy as np
+from absl import flags
 
 from fdh_jax.data.transforms import eval_transform, train_transform
 
@@ -88,11 +89,15 @@ def train_dataset(
     *,
     process_index: int = 0,
     process_count: int = 1,
+    first_step: int = 0,
 ) -> grain.IterDataset:
-    """This process's share of `num_steps` class-balanced global batches.
+    """This process's share of the class-balanced global batches of steps `first_step + 1` to
+    `num_steps`.
 
     Each element is `{"image": float32 [b, S, S, 3], "label": int32 [b]}` with
-    `b = batch_size / process_count`: slots `[p * b, (p + 1) * b)` of each global batch.
+    `b = batch_size / process_count`: slots `[p * b, (p + 1) * b)` of each global batch. A batch
+    is a pure function of `(seed, step, slot)`, so a resumed run starts at its restored step
+    with any `data.num_workers` / `data.num_threads` (no iterator state to restore).
     """
     global_batch = config.train.batch_size
     local_batch = global_batch // process_count
@@ -103,7 +108,7 @@ def train_dataset(
         return step * global_batch + offset + slot
 
     dataset = (
-        grain.MapDataset.range(num_steps * local_batch)
+        grain.MapDataset.range(first_step * local_batch, num_steps * local_batch)
         .map(position)
         .map(_TrainRecords(source, config))
         .batch(local_batch, drop_remainder=True)
@@ -153,6 +158,8 @@ def _to_iter(dataset: grain.MapDataset, config: ml_collections.ConfigDict) -> gr
     )
     iter_dataset = dataset.to_iter_dataset(read)
     if data.num_workers > 0:
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags: a library caller
+            flags.FLAGS.mark_as_parsed()  # (not `python -m fdh_jax.main`) has not parsed them
         iter_dataset = iter_dataset.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=data.num_workers)
         )
