@@ -125,7 +125,7 @@ def main(argv):
     )
     from fdh_jax.models.pretrained import PretrainedWeightsError  # noqa: PLC0415
     from fdh_jax.retrieval import IndexFileError  # noqa: PLC0415
-    from fdh_jax.train import Preempted  # noqa: PLC0415
+    from fdh_jax.train import DamagedCheckpointsError, Preempted  # noqa: PLC0415
     from fdh_jax.validation import ConfigError  # noqa: PLC0415
 
     # Progress is printed by fdh_jax itself; library INFO logs (Orbax, grain) are noise here.
@@ -137,6 +137,7 @@ def main(argv):
         BadImagesFoundError,
         BadImageError,
         NoCheckpointError,
+        DamagedCheckpointsError,
         ModelFileError,
         EncoderRequestError,
         IndexFileError,

@@ -8,6 +8,7 @@ restarted from its workdir, with any number of input workers or threads, ends ex
 uninterrupted run would.
 """
 
+import json
 import math
 import signal
 import threading
@@ -25,6 +26,8 @@ import orbax.checkpoint as ocp
 from flax.training import train_state
 
 from fdh_jax import evaluate, feature_cache, inference, parallel
+from fdh_jax.atomic_files import write_text_atomically
+from fdh_jax.checksums import file_sha256
 from fdh_jax.data import load_splits, validation_split
 from fdh_jax.data.decode import SubsetSource
 from fdh_jax.data.pipeline import model_inputs, train_dataset
@@ -259,6 +262,93 @@ def checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.
     return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options)
 
 
+CHECKSUMS = "fdh_checksums.json"  # in each finished step directory: SHA-256 of every file
+
+
+class DamagedCheckpointsError(RuntimeError):
+    """Every checkpoint of a workdir is unreadable (nothing is deleted)."""
+
+
+def seal_checkpoints(directory: Path) -> None:
+    """Writes `CHECKSUMS` (size and SHA-256 of each file) into every finished step directory of
+    `directory` that has none, so that a later restore can tell damaged bytes from good ones
+    (Orbax's files carry no checksums). Orbax renames a step to its bare number only when the
+    save is complete, and `manager.save` waits for the previous save, so callers seal after a
+    save has been waited for."""
+    if jax.process_index() != 0 or not directory.is_dir():
+        return
+    for step_dir in directory.iterdir():
+        if not step_dir.name.isdigit() or (step_dir / CHECKSUMS).exists():
+            continue
+        files = sorted(f for f in step_dir.rglob("*") if f.is_file())
+        manifest = {
+            str(f.relative_to(step_dir)): {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+            for f in files
+        }
+        write_text_atomically(step_dir / CHECKSUMS, json.dumps(manifest, indent=1) + "\n")
+
+
+def checkpoint_damage(step_dir: Path) -> str | None:
+    """Why the sealed checkpoint `step_dir` is damaged (None if intact, or never sealed)."""
+    try:
+        manifest = json.loads((step_dir / CHECKSUMS).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        return f"unreadable {CHECKSUMS} ({error})"
+    for name, expected in manifest.items():
+        path = step_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, {expected['bytes']} expected"
+        if file_sha256(path) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def restore_latest_intact(
+    workdir: Path, config: ml_collections.ConfigDict, state: TrainState
+) -> tuple[ocp.CheckpointManager, TrainState, dict | None, int | None]:
+    """`(manager, state, progress, step)` from the newest checkpoint that reads back intact.
+
+    A damaged newer checkpoint (checksum mismatch, missing or truncated file, or a restore
+    that fails) is named in one line and moved to `workdir/damaged_checkpoints/` (Orbax would
+    otherwise refuse to save that step again); training continues from the previous one, and
+    since batches are a pure function of the step it ends as an uninterrupted run would. With
+    checkpoints but none intact: `DamagedCheckpointsError`, nothing moved or deleted.
+    """
+    directory = workdir / "checkpoints"
+    steps = sorted(inference.checkpoint_steps(workdir), reverse=True)
+    problems = []
+    for step in steps:
+        problem = checkpoint_damage(directory / str(step))
+        if problem is None:
+            manager = checkpoint_manager(workdir, config)
+            try:
+                restored, progress = restore_checkpoint(manager, state, step)
+            except Exception as error:  # noqa: BLE001 - tensorstore/Orbax raise many kinds
+                manager.close()
+                problem = str(error).strip().splitlines()[0][:200] if str(error) else repr(error)
+            else:
+                if problems and jax.process_index() == 0:
+                    aside = workdir / "damaged_checkpoints"
+                    aside.mkdir(exist_ok=True)
+                    for damaged, _ in problems:
+                        (directory / str(damaged)).rename(aside / str(damaged))
+                    manager.close()
+                    manager = checkpoint_manager(workdir, config)
+                return manager, restored, progress, step
+        problems.append((step, problem))
+        report(f"Checkpoint {directory / str(step)} is damaged ({problem}).")
+    if problems:
+        raise DamagedCheckpointsError(
+            f"no intact checkpoint in {directory} (steps {', '.join(str(s) for s, _ in problems)}"
+            " are damaged; nothing was deleted): move the directory away to train from scratch"
+        )
+    return checkpoint_manager(workdir, config), state, None, None
+
+
 def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState, step: int):
     """Restores `(state, progress)` saved at `step` onto the shardings of `state`."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
@@ -453,12 +543,10 @@ def prepare_run(
     state = create_train_state(
         config, model, make_optimizer(config, total_steps), mesh, calibration
     )
-    manager = checkpoint_manager(workdir, config)
-    progress = {"train_seconds": 0.0}
-    latest = manager.latest_step()
-    if latest is not None:
-        state, progress = restore_checkpoint(manager, state, latest)
-        report(f"Restored {workdir / 'checkpoints'} at step {latest}.")
+    manager, state, progress, restored = restore_latest_intact(workdir, config, state)
+    if restored is not None:
+        report(f"Restored {workdir / 'checkpoints'} at step {restored}.")
+    progress = progress or {"train_seconds": 0.0}
     return Run(mesh, database, query, total_steps, model, state, manager, progress)
 
 
@@ -601,12 +689,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                             },
                             {VALIDATION_METRIC: scored["mAP"]["mean"]} if validating else None,
                         )
+                        seal_checkpoints(workdir / "checkpoints")  # the earlier ones
                     if preempted and step < total_steps:
                         manager.wait_until_finished()
+                        seal_checkpoints(workdir / "checkpoints")
                         manager.close()
                         raise Preempted(step, workdir / "checkpoints")
         finally:
             manager.wait_until_finished()
+            seal_checkpoints(workdir / "checkpoints")
             if writer is not None:
                 writer.close()
         train_seconds += time.perf_counter() - segment_start
