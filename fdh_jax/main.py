@@ -21,6 +21,7 @@ with status 143; the same command resumes.
 """
 
 import difflib
+import errno
 import re
 import sys
 
@@ -154,6 +155,29 @@ def main(argv):
     except Preempted as notice:
         print(f"fdh_jax: {notice}", file=sys.stderr, flush=True)
         sys.exit(PREEMPTED_EXIT_STATUS)
+    except Exception as error:  # a full disk, possibly wrapped by Orbax's background save
+        full = _disk_full(error)
+        if full is None:
+            raise
+        print(
+            f"fdh_jax: error: no space left on the device writing {full}: free some space and "
+            "run the same command again (the checkpoints written before are intact)",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(2)
+
+
+def _disk_full(error: BaseException) -> str | None:
+    """The path (or "the workdir") if `error`, or an error it was raised from, is a full disk
+    or quota (`ENOSPC`, `EDQUOT`), else None. Orbax's background saves re-raise it wrapped."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return str(error.filename) if error.filename else "the workdir"
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _config_field_names(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

@@ -9,13 +9,20 @@
 # Arguments are passed to `python -m fdh_jax.main`. The workdir is /gcs/fdh/$RUN on every worker:
 # the bucket mounted with gcsfuse, so all processes share it (Orbax writes from every process,
 # process 0 writes the metadata, metrics and results). fdh_jax does not take a gs:// workdir
-# directly (see README, "Scaling out"). Rerunning the same line after a preemption resumes.
+# directly (see README, "Scaling out"). RUN defaults to a hash of the arguments, so rerunning
+# the same line after a preemption resumes in the same workdir; set RUN to start another run.
+#
+# The mount options are what checkpointing through gcsfuse needs: Orbax (and fdh_jax's caches
+# and exports) write into a temporary directory and rename it when complete, and gcsfuse
+# refuses to rename a non-empty directory of a flat bucket unless --rename-dir-limit allows
+# that many objects; --metadata-cache-ttl-secs=0 makes every worker see the others' files at
+# once (checkpoint steps, the workdir record) instead of a stale listing.
 set -euo pipefail
 
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${BUCKET:?set BUCKET (bucket name, no gs://)}"
 ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v4-32}
 RUNTIME_VERSION=${RUNTIME_VERSION:-tpu-ubuntu2204-base}
-RUN=${RUN:-fdh-$(date +%Y%m%d-%H%M%S)}
+RUN=${RUN:-fdh-$(printf '%s\0' "$@" | sha256sum | cut -c1-12)}
 SPOT=${SPOT:-} # set SPOT=--spot for a preemptible slice
 repo=$(cd "$(dirname "$0")/.." && pwd)
 tpu=(gcloud compute tpus tpu-vm --zone="$ZONE")
@@ -42,7 +49,7 @@ tar -C "$repo" --exclude=.git --exclude='*.egg-info' --exclude=__pycache__ -czf 
       sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse
     }
     sudo mkdir -p /gcs && sudo chown \$USER /gcs
-    gcsfuse --implicit-dirs '$BUCKET' /gcs
+    gcsfuse --implicit-dirs --rename-dir-limit=200000 --metadata-cache-ttl-secs=0 '$BUCKET' /gcs
   fi"
 
 # Quote each argument for the remote shell.
