@@ -60,7 +60,7 @@ import ml_collections
 import numpy as np
 
 from fdh_jax import evaluate, parallel
-from fdh_jax.checksums import file_sha256
+from fdh_jax.checksums import file_record, files_problem
 from fdh_jax.data.image_scan import files_digest
 from fdh_jax.data.transforms import eval_transform, train_transform
 from fdh_jax.inference import variables_fingerprint
@@ -200,14 +200,10 @@ def _check_entry(directory: Path, description: dict) -> str | None:
         return f"unreadable manifest ({error})"
     if manifest.get("description") != description:
         return "manifest of another entry"
-    for stage, expected in manifest.get("files", {}).items():
-        path = directory / f"{stage}.npy"
-        if not path.is_file():
-            return f"{path.name} is missing"
-        if path.stat().st_size != expected["bytes"]:
-            return f"{path.name} has {path.stat().st_size} bytes, {expected['bytes']} expected"
-        if file_sha256(path) != expected["sha256"]:
-            return f"{path.name} does not match its checksum"
+    files = {f"{stage}.npy": expected for stage, expected in manifest.get("files", {}).items()}
+    problem = files_problem(directory, files)
+    if problem is not None:
+        return problem
     if sorted(manifest.get("files", {})) != description["stages"]:
         return "stages missing from the manifest"
     return None
@@ -276,11 +272,7 @@ def _extract(
     files = {}
     for s in stages:
         path = staging / f"{s}.npy"
-        files[s] = {
-            "bytes": path.stat().st_size,
-            "sha256": file_sha256(path),
-            "shape": shapes_out[s],
-        }
+        files[s] = file_record(path) | {"shape": shapes_out[s]}
     return files
 
 

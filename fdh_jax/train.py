@@ -27,7 +27,7 @@ from flax.training import train_state
 
 from fdh_jax import evaluate, feature_cache, inference, parallel
 from fdh_jax.atomic_files import write_text_atomically
-from fdh_jax.checksums import file_sha256
+from fdh_jax.checksums import file_record, files_problem
 from fdh_jax.data import load_splits, validation_split
 from fdh_jax.data.decode import SubsetSource
 from fdh_jax.data.pipeline import model_inputs, train_dataset
@@ -281,10 +281,7 @@ def seal_checkpoints(directory: Path) -> None:
         if not step_dir.name.isdigit() or (step_dir / CHECKSUMS).exists():
             continue
         files = sorted(f for f in step_dir.rglob("*") if f.is_file())
-        manifest = {
-            str(f.relative_to(step_dir)): {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
-            for f in files
-        }
+        manifest = {str(f.relative_to(step_dir)): file_record(f) for f in files}
         write_text_atomically(step_dir / CHECKSUMS, json.dumps(manifest, indent=1) + "\n")
 
 
@@ -296,15 +293,7 @@ def checkpoint_damage(step_dir: Path) -> str | None:
         return None
     except (OSError, ValueError) as error:
         return f"unreadable {CHECKSUMS} ({error})"
-    for name, expected in manifest.items():
-        path = step_dir / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != expected["bytes"]:
-            return f"{name} has {path.stat().st_size} bytes, {expected['bytes']} expected"
-        if file_sha256(path) != expected["sha256"]:
-            return f"{name} does not match its checksum"
-    return None
+    return files_problem(step_dir, manifest)
 
 
 def restore_latest_intact(

@@ -422,14 +422,12 @@ class SubsetSource:
     def __getattr__(self, name: str) -> Any:
         # A parent of stored stage-map views (`fdh_jax.feature_cache.StageMapViews`) also
         # offers `num_views`, `model_inputs` and `view_inputs(index, view)`: so does the subset.
-        if name in ("num_views", "model_inputs") or name == "view_inputs":
-            parent_attribute = getattr(
-                self.__dict__.get("parent"), name
-            )  # AttributeError if absent
-            if name != "view_inputs":
-                return parent_attribute
-            return lambda index, view: parent_attribute(int(self.indices[index]), view)
-        raise AttributeError(name)
+        if name not in ("num_views", "model_inputs", "view_inputs"):
+            raise AttributeError(name)
+        value = getattr(self.__dict__.get("parent"), name)  # AttributeError if the parent lacks it
+        if name != "view_inputs":
+            return value
+        return lambda index, view: value(int(self.indices[index]), view)
 
     def __repr__(self) -> str:
         return f"SubsetSource({self.parent!r}, {len(self)} of {len(self.parent)} items)"
