@@ -36,7 +36,7 @@ from fdh_jax.losses import total_loss
 from fdh_jax.models.backbones import get_backbone
 from fdh_jax.models.fdh import build_model
 from fdh_jax.summaries import MetricWriter
-from fdh_jax.validation import validate_config
+from fdh_jax.validation import ConfigError, validate_config
 
 
 class TrainState(train_state.TrainState):
@@ -376,9 +376,10 @@ def validation_sources(config: ml_collections.ConfigDict, database: Any) -> tupl
         return database, None
     train, held_out = validation_split(database.labels, fraction, config.eval.validation_seed)
     if held_out.size == 0:
-        raise ValueError(
-            f"eval.validation_fraction={fraction} holds out no image of the {len(database)} "
-            "database images (each class keeps at least one for training): raise it or set 0"
+        raise ConfigError(
+            "eval.validation_fraction",
+            f"{fraction} holds out no image of the {len(database)} database images (each "
+            "class keeps at least one for training): raise it or set 0",
         )
     training = SubsetSource(database, train)
     return training, (SubsetSource(database, held_out), training)

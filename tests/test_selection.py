@@ -87,6 +87,20 @@ def test_select_best_without_a_validation_split_is_refused():
     config.eval.select = "newest"
     with pytest.raises(ValueError, match="eval.select"):
         validate_config(config, 1)
+    config.eval.select = "best"
+    config.eval.validation_fraction = 1.0
+    with pytest.raises(ValueError, match="eval.validation_fraction"):
+        validate_config(config, 1)
+
+
+def test_a_validation_fraction_that_holds_out_nothing_names_the_field():
+    from fdh_jax.validation import ConfigError
+
+    config = tiny_config()
+    config.eval.validation_fraction = 0.05  # round(0.05 * 6) = 0 of every class
+    source = load_splits(config, ("train",))["train"]
+    with pytest.raises(ConfigError, match="eval.validation_fraction.*holds out no image"):
+        train.validation_sources(config, source)
 
 
 def test_frozen_mobilenet_v2_recipe_selects_on_validation_only():
