@@ -1,6 +1,7 @@
 """mAP@all at NABirds size: ours vs the per-query sort loop as the peers write it.
 
-NABirds protocol (DESIGN.md 1.3): 24,633 queries x 23,929 database codes, 555 classes; 48 bits.
+NABirds protocol (docs/design.md, "Evaluation protocol"): 24,633 queries x 23,929 database
+codes, 555 classes; 48 bits.
 Codes are class centres with ~20% of bits flipped, so relevant items are near and ties abound,
 as with trained codes. The peer loop (Hamming distance by matmul, np.argsort per query, AP from
 the sorted relevance vector) runs on a subset of queries and is extrapolated; both are compared on

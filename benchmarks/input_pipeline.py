@@ -60,7 +60,8 @@ def main() -> None:
     if not Path(args.root).is_dir():
         print(f"skipped: no dataset at {args.root} (pass --root=DIR, a folder of class folders)")
         return
-    flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags (DESIGN 4)
+    # grain's worker processes read absl flags, which must count as parsed outside `app.run`.
+    flags.FLAGS.mark_as_parsed()
 
     config = load_config(REPO / "configs" / "folder.py", args.root)
     config.data.image_size = args.image_size

@@ -1,8 +1,8 @@
 """Train-step throughput: compile time and images/s of the jitted FDH-MFE update on this machine.
 
 Builds the state exactly as `fdh_jax.train` does (`create_train_state`, `make_optimizer`,
-`train_step`, one jit over the device mesh, state donated) for a config file plus overrides, and
-times steps on a fixed random batch (no input pipeline: see `benchmarks/input_pipeline.py` for
+`make_train_step`: one jit over the device mesh, state donated) for a config file plus overrides,
+and times steps on a fixed random batch (no input pipeline: see `benchmarks/input_pipeline.py` for
 that). Use it to size a run before launching it.
 
   python benchmarks/train_step.py --set model.backbone=mobilenet_v2 --set model.freeze_backbone=True
@@ -30,7 +30,7 @@ from fdh_jax import parallel
 from fdh_jax.config_files import load_config
 from fdh_jax.models.backbones import get_backbone
 from fdh_jax.models.fdh import build_model
-from fdh_jax.train import create_train_state, make_optimizer, train_step
+from fdh_jax.train import create_train_state, make_optimizer, make_train_step
 from fdh_jax.validation import validate_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,12 +74,7 @@ def main() -> None:
     start = time.perf_counter()
     state = create_train_state(config, model, tx, mesh, calibration_images=images[:16])
     init_seconds = time.perf_counter() - start
-    step_fn = jax.jit(
-        partial(train_step, loss_config=config.loss),
-        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-        out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
-        donate_argnums=0,
-    )
+    step_fn = make_train_step(config, mesh, total_steps=1000)
     if args.cached:  # the stage maps a frozen backbone's feature cache stores, in float16
         stages = sorted({*config.model.stages, "C5"})
         backbone = get_backbone(config.model.backbone, width=config.model.width)

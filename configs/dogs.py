@@ -7,7 +7,8 @@ Default ROOT: `~/data/stanford_dogs`.
 Root: the folder holding `Images/` and the `*_list.mat` files (in `lists/` or beside
 `Images/`), or a TFDS data dir with a built `stanford_dogs`; see `fdh_jax/data/sources/dogs.py`.
 
-Protocol of DESIGN 1.3: ResNet-50 (`--config.model.pretrained=PATH` for ImageNet weights),
+Protocol (docs/design.md, "Evaluation protocol"): ResNet-50, randomly initialised unless
+`--config.model.pretrained=PATH` gives ImageNet weights (the published numbers use them),
 random-resized crop 224 + flip for training, resize 256 + centre crop 224 for evaluation;
 database = the official train split, query = the official test split.
 """

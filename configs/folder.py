@@ -1,4 +1,4 @@
-"""Any folder of class sub-folders (DESIGN section 3); `data.root` must be given.
+"""Any folder of class sub-folders (docs/design.md, "Contracts"); `data.root` must be given.
 
 `python -m fdh_jax.main --config=configs/folder.py --workdir=WORKDIR --config.data.root=DIR`
 or `--config=configs/folder.py:DIR` (DIR after ":"; no default).
@@ -7,7 +7,8 @@ Layout: `DIR/images/<class>/<file>` or `DIR/<class>/<file>`; `DIR/split.csv` (`p
 if present, else a per-class split seeded by `config.seed` holding out `data.test_fraction`;
 see `fdh_jax/data/sources/folder.py`.
 
-Protocol of DESIGN 1.3: ResNet-50 (`--config.model.pretrained=PATH` for ImageNet weights),
+Protocol (docs/design.md, "Evaluation protocol"): ResNet-50, randomly initialised unless
+`--config.model.pretrained=PATH` gives ImageNet weights (the published numbers use them),
 random-resized crop 224 + flip for training, resize 256 + centre crop 224 for evaluation;
 database = the train split, query = the test split.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import ml_collections
 
-from fdh_jax.config_files import load_config
+from fdh_jax.config_files import load_config, paper_protocol
 
 DEFAULT_ROOT = ""  # no default: an empty root is rejected when the source opens
 
@@ -24,10 +25,4 @@ DEFAULT_ROOT = ""  # no default: an empty root is rejected when the source opens
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The default config with this dataset and the paper protocol; `arg` = dataset root."""
     config = load_config(Path(__file__).with_name("default.py"))
-    config.data.name = "folder"
-    config.data.root = arg or DEFAULT_ROOT
-    config.data.image_size = 224
-    config.data.eval_resize = 256
-    config.model.backbone = "resnet50"
-    config.model.width = 64
-    return config
+    return paper_protocol(config, "folder", arg or DEFAULT_ROOT)

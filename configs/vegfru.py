@@ -7,7 +7,8 @@ Default ROOT: `~/data/vegfru`.
 Root: the folder holding `vegfru_list/`, `veg200_images/` and `fru92_images/`; see
 `fdh_jax/data/sources/vegfru.py`.
 
-Protocol of DESIGN 1.3: ResNet-50 (`--config.model.pretrained=PATH` for ImageNet weights),
+Protocol (docs/design.md, "Evaluation protocol"): ResNet-50, randomly initialised unless
+`--config.model.pretrained=PATH` gives ImageNet weights (the published numbers use them),
 random-resized crop 224 + flip for training, resize 256 + centre crop 224 for evaluation;
 database = `vegfru_train.txt`, query = `vegfru_test.txt`.
 """

@@ -15,7 +15,7 @@ first use, so that `fdh_jax.load_encoder(export_dir)` needs only jax, numpy and 
 Flax, no model code): see `fdh_jax/inference.py`.
 """
 
-import importlib
+from fdh_jax.lazy import lazy_exports
 
 _EXPORTS = {
     "FDHMFE": "fdh_jax.models.fdh",
@@ -37,13 +37,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-    raise AttributeError(f"module 'fdh_jax' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

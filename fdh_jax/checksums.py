@@ -1,11 +1,14 @@
 """SHA-256 digests of named arrays and of files: index, cache and checkpoint checksums, model
-fingerprints."""
+fingerprints; `.npz` files that carry their own checksum (the hash index, multi-index tables)."""
 
 import hashlib
 import os
+import zipfile
 from collections.abc import Mapping
 
 import numpy as np
+
+from fdh_jax.atomic_files import write_npz_atomically
 
 
 def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
@@ -45,3 +48,36 @@ def files_problem(directory: str | os.PathLike, records: Mapping[str, Mapping]) 
         if file_sha256(path) != expected["sha256"]:
             return f"{name} does not match its checksum"
     return None
+
+
+def save_checked_npz(path: str | os.PathLike, fields: Mapping[str, np.ndarray]) -> None:
+    """Writes `fields` (which must include `format_version`) plus a `sha256` field over all of
+    them to `path` atomically (no pickle)."""
+    fields = dict(fields)
+    fields["sha256"] = np.frombuffer(arrays_sha256(fields).encode("ascii"), np.uint8)
+    write_npz_atomically(path, fields)
+
+
+def load_checked_npz(
+    path: str | os.PathLike, what: str, version: int, remedy: str, error: type[Exception]
+) -> dict[str, np.ndarray]:
+    """The fields of a file written by `save_checked_npz` (without `sha256`), or `error` with a
+    one-line message naming the file: unreadable, not such a file, another `format_version`
+    (then `remedy` says what to do) or a checksum mismatch. `what`: e.g. "hash index"."""
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            fields = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as problem:
+        raise error(f"{path}: not a readable {what} file ({problem})") from problem
+    if "format_version" not in fields or "sha256" not in fields:
+        raise error(f"{path}: not a {what} file (no format_version/sha256)")
+    found = int(fields["format_version"])
+    if found != version:
+        raise error(
+            f"{path}: {what} format version {found}, this code reads version {version}; {remedy}"
+        )
+    stored = bytes(fields.pop("sha256")).decode("ascii", "replace")
+    if stored != arrays_sha256(fields):
+        raise error(f"{path}: checksum mismatch, the file is corrupted")
+    return fields

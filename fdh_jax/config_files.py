@@ -20,7 +20,8 @@ def load_config(path: str | Path, arg: str | None = None) -> ml_collections.Conf
 def paper_protocol(
     config: ml_collections.ConfigDict, dataset: str, root: str
 ) -> ml_collections.ConfigDict:
-    """Sets the published-dataset protocol of DESIGN 1.3 on `config` and returns it.
+    """Sets the published-dataset protocol on `config` and returns it (docs/design.md,
+    "Evaluation protocol").
 
     ResNet-50, random-resized crop 224 + flip for training, resize 256 + centre crop 224 for
     evaluation; database = the official train split, query = the official test split.

@@ -1,8 +1,8 @@
 """Evaluation: encode the query and database splits, score retrieval, write `results.json`.
 
-Protocol (DESIGN 1.3): database = train split, query = test split, mAP over the whole database
-(mAP@all) for every code length, plus precision@k. Distance ties are broken by database index
-unless `config.eval.tie_break` says otherwise.
+Protocol (docs/design.md, "Evaluation protocol"): database = train split, query = test split,
+mAP over the whole database (mAP@all) for every code length, plus precision@k. Distance ties
+are broken by database index unless `config.eval.tie_break` says otherwise.
 """
 
 import collections
@@ -89,20 +89,9 @@ def map_source(
     are padding (they repeat item 0). `transform` makes the inputs of a record (default: see
     `eval_dataset`).
     """
-    num_items, global_batch = len(source), config.eval.batch_size
-    local_batch = global_batch // jax.process_count()
-    slots = np.arange(num_items + (-num_items) % global_batch).reshape(-1, global_batch)
-    first = jax.process_index() * local_batch
-    mine = slots[:, first : first + local_batch].reshape(-1).astype(np.int32)
-    done = 0
-    indices = np.where(mine < num_items, mine, 0)
-
-    def gathered(positions: jax.Array, outputs: dict) -> tuple[np.ndarray, dict]:
-        return np.asarray(multihost_utils.process_allgather(positions, tiled=True)), {
-            k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
-            for k, v in outputs.items()
-        }
-
+    local_batch = config.eval.batch_size // jax.process_count()
+    mine = _process_positions(len(source), config.eval.batch_size)
+    indices = np.where(mine < len(source), mine, 0)
     # Two batches in flight: the next is dispatched before the previous is read back, so the
     # device computes while the host gathers. With one process each runs in a thread of its
     # own: XLA's CPU client then executes both at once (MobileNetV2 over 64-image halves on 2
@@ -114,6 +103,7 @@ def map_source(
     def run(batch: dict) -> tuple:
         return batch["position"], jax.block_until_ready(fn(variables, model_inputs(batch)))
 
+    done = 0
     try:
         for element in eval_dataset(source, config, indices, transform):
             # `eval_dataset` batches by the global batch size; this process's share of one
@@ -130,12 +120,29 @@ def map_source(
                 else:
                     in_flight.append(pool.submit(run, batch).result)
                 if len(in_flight) >= IN_FLIGHT:
-                    yield gathered(*in_flight.popleft()())
+                    yield _gathered(*in_flight.popleft()())
         while in_flight:
-            yield gathered(*in_flight.popleft()())
+            yield _gathered(*in_flight.popleft()())
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+
+
+def _process_positions(num_items: int, global_batch: int) -> np.ndarray:
+    """This process's dataset positions, in order: the items padded to whole global batches,
+    slots `[p * b, (p + 1) * b)` of each (`b` = global batch / processes); `>= num_items` is
+    padding."""
+    local_batch = global_batch // jax.process_count()
+    slots = np.arange(num_items + (-num_items) % global_batch).reshape(-1, global_batch)
+    first = jax.process_index() * local_batch
+    return slots[:, first : first + local_batch].reshape(-1).astype(np.int32)
+
+
+def _gathered(positions: jax.Array, outputs: dict) -> tuple[np.ndarray, dict]:
+    """A global batch's positions and outputs, gathered onto every process as NumPy."""
+    return np.asarray(multihost_utils.process_allgather(positions, tiled=True)), {
+        k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in outputs.items()
+    }
 
 
 def encode_source(
@@ -163,7 +170,7 @@ def encode_source(
 class Evaluation(NamedTuple):
     """Scores plus what they were computed from (for figures and index files)."""
 
-    results: dict  # the results.json content (DESIGN section 3)
+    results: dict  # the results.json content (docs/design.md, "Contracts")
     extra: dict  # precision within Hamming radius 2 and PR curves, per code length
     query_codes: dict[str, np.ndarray]  # {"K": int8 [Q, K]}
     db_codes: dict[str, np.ndarray]  # {"K": int8 [N, K]}

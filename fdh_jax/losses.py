@@ -1,4 +1,4 @@
-"""The FDH-MFE losses, each a pure function of arrays (DESIGN 1.2).
+"""The FDH-MFE losses, each a pure function of arrays (docs/design.md, "Losses").
 
 Per code length `K`: proxy loss + bit balance + quantisation + background-aware triplet loss;
 once: classification and proxy uniformity. `total_loss` combines them as configured and returns

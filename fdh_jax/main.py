@@ -117,39 +117,13 @@ def main(argv):
     parallel.initialize_distributed(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
     )
-    from fdh_jax.data.decode import BadImageError, BadImagesFoundError  # noqa: PLC0415
-    from fdh_jax.data.sources import DatasetNotFoundError, SplitSizeMismatchError  # noqa: PLC0415
-    from fdh_jax.inference import (  # noqa: PLC0415
-        EncoderRequestError,
-        ModelFileError,
-        NoCheckpointError,
-    )
-    from fdh_jax.models.pretrained import PretrainedWeightsError  # noqa: PLC0415
-    from fdh_jax.retrieval import IndexFileError  # noqa: PLC0415
-    from fdh_jax.train import DamagedCheckpointsError, Preempted  # noqa: PLC0415
-    from fdh_jax.validation import ConfigError  # noqa: PLC0415
+    from fdh_jax.checkpointing import Preempted  # noqa: PLC0415
 
     # Progress is printed by fdh_jax itself; library INFO logs (Orbax, grain) are noise here.
     logging.set_verbosity(logging.WARNING)
-    expected = (
-        ConfigError,
-        DatasetNotFoundError,
-        SplitSizeMismatchError,
-        BadImagesFoundError,
-        BadImageError,
-        NoCheckpointError,
-        DamagedCheckpointsError,
-        ModelFileError,
-        EncoderRequestError,
-        IndexFileError,
-        PretrainedWeightsError,
-        FileNotFoundError,
-        FileExistsError,  # --export_dir holds something else
-        FloatingPointError,  # a non-finite loss or gradient norm, with the step
-    )
     try:
         _run_mode()
-    except expected as error:
+    except _expected_errors() as error:
         print(f"fdh_jax: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
     except Preempted as notice:
@@ -166,6 +140,38 @@ def main(argv):
             flush=True,
         )
         sys.exit(2)
+
+
+def _expected_errors() -> tuple[type[Exception], ...]:
+    """What a user can cause and fix (bad config, data, weights, files): one line, exit 2."""
+    from fdh_jax.checkpointing import DamagedCheckpointsError  # noqa: PLC0415
+    from fdh_jax.data.decode import BadImageError, BadImagesFoundError  # noqa: PLC0415
+    from fdh_jax.data.sources import DatasetNotFoundError, SplitSizeMismatchError  # noqa: PLC0415
+    from fdh_jax.inference import (  # noqa: PLC0415
+        EncoderRequestError,
+        ModelFileError,
+        NoCheckpointError,
+    )
+    from fdh_jax.models.pretrained import PretrainedWeightsError  # noqa: PLC0415
+    from fdh_jax.retrieval import IndexFileError  # noqa: PLC0415
+    from fdh_jax.validation import ConfigError  # noqa: PLC0415
+
+    return (
+        ConfigError,
+        DatasetNotFoundError,
+        SplitSizeMismatchError,
+        BadImagesFoundError,
+        BadImageError,
+        NoCheckpointError,
+        DamagedCheckpointsError,
+        ModelFileError,
+        EncoderRequestError,
+        IndexFileError,
+        PretrainedWeightsError,
+        FileNotFoundError,
+        FileExistsError,  # --export_dir holds something else
+        FloatingPointError,  # a non-finite loss or gradient norm, with the step
+    )
 
 
 def _disk_full(error: BaseException) -> str | None:

@@ -1,7 +1,7 @@
 """Retrieval metrics for hash codes ranked by Hamming distance.
 
-Protocol (DESIGN.md 1.3): every test image queries the whole database (the train split); a database
-item is relevant when its label equals the query's label.
+Protocol (docs/design.md, "Evaluation protocol"): every test image queries the whole database
+(the train split); a database item is relevant when its label equals the query's label.
 
 Ranking and ties. Hamming distances are integers in [0, K], so ties are the rule, not the exception,
 and the tie rule moves mAP by points at short code lengths. `tie_break` chooses it:
@@ -43,9 +43,8 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from fdh_jax.retrieval import pack_query_and_database
+from fdh_jax.retrieval import pack_query_and_database, word_hamming_distance
 
 TieBreak = Literal["index", "expected", "semicon"]
 
@@ -73,8 +72,7 @@ def _segment_keys(
     -> `[C, B]` int32 keys `row_base + distance * row_segments + segment`: per row, bins ordered
     by distance, then by segment, so per-distance cumulative sums run along contiguous memory.
     """
-    distance = lax.population_count(query_words[:, None, :] ^ db_words[None, :, :])
-    distance = distance.astype(jnp.int32).sum(-1)
+    distance = word_hamming_distance(query_words, db_words)
     return row_base[:, None] + distance * row_segments[:, None] + segment_table[slot]
 
 
@@ -163,8 +161,10 @@ def _ranking_statistics(
     if num_db == 0:
         raise ValueError("the database is empty")
     return (
-        _iterate_statistics(
-            query_words, db_words, bits, query_labels, db_labels, include_unmatched
+        iter(
+            _RankingPipeline(
+                query_words, db_words, bits, query_labels, db_labels, include_unmatched
+            )
         ),
         num_query,
         num_db,
@@ -183,91 +183,131 @@ def _query_chunks(costs: np.ndarray) -> list[tuple[int, int]]:
     return chunks
 
 
-def _iterate_statistics(
-    query_words: np.ndarray,
-    db_words: np.ndarray,
-    bits: int,
-    query_labels: np.ndarray,
-    db_labels: np.ndarray,
-    include_unmatched: bool,
-) -> Iterator[_RankingStatistics]:
-    num_db = db_words.shape[0]
-    num_distances = bits + 1
-    block = min(num_db, _DB_BLOCK)
-    block_starts = list(range(0, num_db, block))
-    db_blocks = [jnp.asarray(db_words[start : start + block]) for start in block_starts]
+@dataclass
+class _BlockTask:
+    """One dispatched kernel call: database block `block` against one query chunk."""
 
-    classes, query_class = np.unique(query_labels, return_inverse=True)
-    position = np.minimum(np.searchsorted(classes, db_labels), len(classes) - 1)
-    db_class = np.where(classes[position] == db_labels, position, -1)  # -1: no query has it
-    known = db_class >= 0
-    relevant_per_block = np.zeros((len(classes), len(block_starts)), np.int64)
-    np.add.at(relevant_per_block, (db_class[known], np.flatnonzero(known) // block), 1)
-    query_order = np.argsort(query_class, kind="stable")
-    if not include_unmatched:
-        query_order = query_order[relevant_per_block.sum(1)[query_class[query_order]] > 0]
-    bins_per_query = (relevant_per_block.max(1) + 1) * num_distances
-    chunks = _query_chunks(bins_per_query[query_class[query_order]])
+    block: int
+    keys: jax.Array  # [padded rows, block size] int32 bin keys (being computed)
+    num_rows: int
+    num_bins: int
+    columns: np.ndarray  # the chunk's relevant items in this block, block-relative, run by run
+    runs: list  # per class run: (query rows, first bin, relevant items in block, column bounds)
 
-    relevant_before: dict[int, np.ndarray] = {}  # class -> [N] relevant items before each item
-    relevant_index: dict[int, np.ndarray] = {}  # class -> its database indices
 
-    def launched_tasks() -> Iterator[tuple]:
-        """Yields kernel calls already dispatched (XLA runs them while the host bins the last)."""
-        for start, end in chunks:
-            rows = query_order[start:end]
+class _RankingPipeline:
+    """Iterates the `_RankingStatistics` of all query chunks, two stages deep.
+
+    Queries are taken in class order in chunks (`_query_chunks`), each chunk against the database
+    in blocks of `_DB_BLOCK`. For each (chunk, block) the XLA kernel `_segment_keys` is
+    dispatched (stage 1, `_launch`), and the host bins the previous call's keys while it runs
+    (stage 2, `_consume`). State, all on `self`:
+    - `relevant_before[c]`, `relevant_index[c]`: per class of the current chunks, the relevant
+      items before each database item and the relevant items' indices (dropped once the class
+      order has passed the class);
+    - `running[r]`: for run r (the queries of one class) of the current chunk, its counts by
+      distance, relevant distances and ties, accumulated over the database blocks.
+    """
+
+    def __init__(self, query_words, db_words, bits, query_labels, db_labels, include_unmatched):
+        self.query_words, self.num_distances = query_words, bits + 1
+        self.num_db = db_words.shape[0]
+        self.block = min(self.num_db, _DB_BLOCK)
+        self.block_starts = list(range(0, self.num_db, self.block))
+        self.db_blocks = [jnp.asarray(db_words[s : s + self.block]) for s in self.block_starts]
+        classes, self.query_class = np.unique(query_labels, return_inverse=True)
+        position = np.minimum(np.searchsorted(classes, db_labels), len(classes) - 1)
+        # -1: no query has the item's class
+        self.db_class = np.where(classes[position] == db_labels, position, -1)
+        known = self.db_class >= 0
+        self.relevant_per_block = np.zeros((len(classes), len(self.block_starts)), np.int64)
+        np.add.at(
+            self.relevant_per_block, (self.db_class[known], np.flatnonzero(known) // self.block), 1
+        )
+        order = np.argsort(self.query_class, kind="stable")
+        if not include_unmatched:
+            order = order[self.relevant_per_block.sum(1)[self.query_class[order]] > 0]
+        self.query_order = order
+        bins_per_query = (self.relevant_per_block.max(1) + 1) * self.num_distances
+        self.chunks = _query_chunks(bins_per_query[self.query_class[order]])
+        self.relevant_before: dict[int, np.ndarray] = {}
+        self.relevant_index: dict[int, np.ndarray] = {}
+        self.running: dict[int, tuple] = {}
+
+    def __iter__(self) -> Iterator[_RankingStatistics]:
+        previous = None
+        for task in self._launch():
+            if previous is not None:
+                yield from self._consume(previous)
+            previous = task
+        if previous is not None:
+            yield from self._consume(previous)
+
+    def _launch(self) -> Iterator[_BlockTask]:
+        """Dispatches the kernel for every (chunk, database block), in order."""
+        for start, end in self.chunks:
+            rows = self.query_order[start:end]
             run_class, run_start, run_size = np.unique(
-                query_class[rows], return_index=True, return_counts=True
+                self.query_class[rows], return_index=True, return_counts=True
             )
-            for c in list(relevant_before):
-                if c < run_class[0]:  # classes come in order: drop finished ones
-                    del relevant_before[c], relevant_index[c]
-            for c in run_class:
-                if c not in relevant_before:
-                    is_relevant = db_class == c
-                    relevant_before[c] = (np.cumsum(is_relevant) - is_relevant).astype(np.int32)
-                    relevant_index[c] = np.flatnonzero(is_relevant)
+            self._track_classes(run_class)
             padded = 1 << (len(rows) - 1).bit_length()
-            chunk_words = np.zeros((padded, query_words.shape[1]), np.uint32)
-            chunk_words[: len(rows)] = query_words[rows]
+            chunk_words = np.zeros((padded, self.query_words.shape[1]), np.uint32)
+            chunk_words[: len(rows)] = self.query_words[rows]
             slot = np.zeros(padded, np.int32)
             slot[: len(rows)] = np.repeat(np.arange(len(run_class)), run_size)
-            for b, db_start in enumerate(block_starts):
-                db_end = min(db_start + block, num_db)
-                table = np.zeros(
-                    (1 << (len(run_class) - 1).bit_length(), db_end - db_start), np.int32
-                )
-                columns, column_bounds = [], [0]
-                for s, c in enumerate(run_class):
-                    table[s] = relevant_before[c][db_start:db_end] - relevant_before[c][db_start]
-                    index = relevant_index[c]
-                    lo, hi = np.searchsorted(index, (db_start, db_end))
-                    columns.append(index[lo:hi] - db_start)
-                    column_bounds.append(column_bounds[-1] + hi - lo)
-                in_block = relevant_per_block[run_class, b]
-                row_bins = np.repeat((in_block + 1) * num_distances, run_size)
-                row_base = np.zeros(padded, np.int32)
-                row_base[: len(rows)] = np.cumsum(row_bins) - row_bins
-                row_segments = np.ones(padded, np.int32)
-                row_segments[: len(rows)] = np.repeat(in_block + 1, run_size)
-                keys = _segment_keys(chunk_words, db_blocks[b], table, slot, row_base, row_segments)
-                runs = [
-                    (rows[i : i + n], int(row_base[i]), int(r), column_bounds[s : s + 2])
-                    for s, (i, n, r) in enumerate(zip(run_start, run_size, in_block, strict=True))
-                ]
-                yield b, keys, len(rows), int(row_bins.sum()), np.concatenate(columns), runs
+            for b in range(len(self.block_starts)):
+                yield self._launch_block(b, rows, chunk_words, slot, run_class, run_start, run_size)
 
-    state: dict[int, tuple] = {}  # run -> (counts, distances, ties) across database blocks
+    def _track_classes(self, run_class: np.ndarray) -> None:
+        """Relevant-item tables for the chunk's classes; drops the classes already passed."""
+        for c in list(self.relevant_before):
+            if c < run_class[0]:  # classes come in order
+                del self.relevant_before[c], self.relevant_index[c]
+        for c in run_class:
+            if c not in self.relevant_before:
+                is_relevant = self.db_class == c
+                self.relevant_before[c] = (np.cumsum(is_relevant) - is_relevant).astype(np.int32)
+                self.relevant_index[c] = np.flatnonzero(is_relevant)
 
-    def consume(task: tuple) -> list[_RankingStatistics]:
-        b, keys, num_rows, num_bins, columns, runs = task
-        histogram, column_keys = _histogram_and_columns(keys, num_rows, num_bins, columns)
-        done, row = [], 0
-        for run, (query_index, base, in_block, (c0, c1)) in enumerate(runs):
+    def _launch_block(self, b, rows, chunk_words, slot, run_class, run_start, run_size):
+        db_start = self.block_starts[b]
+        db_end = min(db_start + self.block, self.num_db)
+        padded = len(slot)
+        table = np.zeros((1 << (len(run_class) - 1).bit_length(), db_end - db_start), np.int32)
+        columns, column_bounds = [], [0]
+        for s, c in enumerate(run_class):
+            before = self.relevant_before[c]
+            table[s] = before[db_start:db_end] - before[db_start]
+            index = self.relevant_index[c]
+            lo, hi = np.searchsorted(index, (db_start, db_end))
+            columns.append(index[lo:hi] - db_start)
+            column_bounds.append(column_bounds[-1] + hi - lo)
+        in_block = self.relevant_per_block[run_class, b]
+        row_bins = np.repeat((in_block + 1) * self.num_distances, run_size)
+        row_base = np.zeros(padded, np.int32)
+        row_base[: len(rows)] = np.cumsum(row_bins) - row_bins
+        row_segments = np.ones(padded, np.int32)
+        row_segments[: len(rows)] = np.repeat(in_block + 1, run_size)
+        keys = _segment_keys(chunk_words, self.db_blocks[b], table, slot, row_base, row_segments)
+        runs = [
+            (rows[i : i + n], int(row_base[i]), int(r), column_bounds[s : s + 2])
+            for s, (i, n, r) in enumerate(zip(run_start, run_size, in_block, strict=True))
+        ]
+        return _BlockTask(b, keys, len(rows), int(row_bins.sum()), np.concatenate(columns), runs)
+
+    def _consume(self, task: _BlockTask) -> list[_RankingStatistics]:
+        """Bins one kernel call's keys into the runs' statistics; returns the runs finished
+        with the last database block."""
+        histogram, column_keys = _histogram_and_columns(
+            task.keys, task.num_rows, task.num_bins, task.columns
+        )
+        done, row, num_distances = [], 0, self.num_distances
+        for run, (query_index, base, in_block, (c0, c1)) in enumerate(task.runs):
             n = len(query_index)
-            if b == 0:
-                state[run] = (np.zeros((n, num_distances), np.int64), [], [])
-            counts, distances, ties = state[run]
+            if task.block == 0:
+                self.running[run] = (np.zeros((n, num_distances), np.int64), [], [])
+            counts, distances, ties = self.running[run]
             segments = in_block + 1
             block_histogram = histogram[base : base + n * num_distances * segments]
             block_histogram = block_histogram.reshape(n, num_distances, segments)
@@ -283,7 +323,7 @@ def _iterate_statistics(
                 ties.append(np.take_along_axis(counts, distance, 1) + within)
             counts += block_histogram.sum(2)
             row += n
-            if b == len(block_starts) - 1:
+            if task.block == len(self.block_starts) - 1:
                 empty = np.zeros((n, 0), np.int64)
                 done.append(
                     _RankingStatistics(
@@ -294,14 +334,6 @@ def _iterate_statistics(
                     )
                 )
         return done
-
-    previous = None
-    for task in launched_tasks():
-        if previous is not None:
-            yield from consume(previous)
-        previous = task
-    if previous is not None:
-        yield from consume(previous)
 
 
 def _topk_average_precision(ranks: np.ndarray, topk: int | None) -> np.ndarray:

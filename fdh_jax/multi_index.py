@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import zipfile
 from typing import Any
 
 import numpy as np
@@ -32,8 +31,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from fdh_jax.atomic_files import write_npz_atomically
-from fdh_jax.checksums import arrays_sha256
+from fdh_jax.checksums import load_checked_npz, save_checked_npz
 
 MIH_FORMAT_VERSION = 1
 _MAX_SUBSTRING_BITS = 32  # beyond this a table's radius balls are too large to enumerate
@@ -221,7 +219,12 @@ def _mih_query(  # noqa: ANN202
     out_indices,  # [k] int32
 ):
     """One query's MIH search (module docstring). Writes its top k unless it runs over budget.
-    Returns (over budget, certified radius m * rho + table reached, work = probes + entries)."""
+    Returns (over budget, certified radius m * rho + table reached, work = probes + entries).
+
+    Over 60 lines: a numba kernel whose loop state (candidate buffers, histogram, the k-th
+    distance, work, the batch of bucket bounds) is updated at every bucket entry; split into
+    functions it would be passed in and returned at that rate. The pieces that need no such
+    state are helpers (`_bucket`, `_seen_earlier`, `_make_room`, `_prefetch_bucket`)."""
     num_tables = masks.shape[0]
     min_length = lengths.min()
     scratch = np.empty(_SCAN_SUB, np.int64)
@@ -523,9 +526,7 @@ class MultiIndexHashing:
     def save(self, path: str | os.PathLike) -> None:
         """Writes the index to `path` (one .npz, no pickle, SHA-256 over every field) atomically:
         a temporary file in the same folder, then `os.replace`."""
-        fields = self._fields()
-        fields["sha256"] = np.frombuffer(arrays_sha256(fields).encode("ascii"), np.uint8)
-        write_npz_atomically(path, fields)
+        save_checked_npz(path, self._fields())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MultiIndexHashing:
@@ -534,23 +535,9 @@ class MultiIndexHashing:
         inconsistent."""
         from fdh_jax.retrieval import IndexFileError  # defined below the import of this module
 
-        path = os.fspath(path)
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                fields = {name: archive[name] for name in archive.files}
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
-            raise IndexFileError(f"{path}: not a readable multi-index file ({error})") from error
-        if "format_version" not in fields or "sha256" not in fields:
-            raise IndexFileError(f"{path}: not a multi-index file (no format_version/sha256)")
-        version = int(fields["format_version"])
-        if version != MIH_FORMAT_VERSION:
-            raise IndexFileError(
-                f"{path}: multi-index format version {version}, this code reads "
-                f"version {MIH_FORMAT_VERSION}; rebuild the index"
-            )
-        stored = bytes(fields.pop("sha256")).decode("ascii", "replace")
-        if stored != arrays_sha256(fields):
-            raise IndexFileError(f"{path}: checksum mismatch, the file is corrupted")
+        fields = load_checked_npz(
+            path, "multi-index", MIH_FORMAT_VERSION, "rebuild the index", IndexFileError
+        )
         expected = cls.__new__(cls)
         try:
             expected.bits = int(fields["bits"])

@@ -1,4 +1,5 @@
-"""Data parallelism: one jitted program over a `('data',)` device mesh (DESIGN 2.1).
+"""Data parallelism: one jitted program over a `('data',)` device mesh (docs/design.md,
+"Architecture").
 
 The batch is sharded along `data`, the train state is replicated; XLA inserts the gradient
 all-reduce, and BatchNorm statistics are computed over the global batch. The same code runs on

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import zipfile
 from functools import partial
 from typing import Any
 
@@ -33,8 +32,7 @@ from jax import lax
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from fdh_jax.atomic_files import write_npz_atomically
-from fdh_jax.checksums import arrays_sha256
+from fdh_jax.checksums import load_checked_npz, save_checked_npz
 
 
 class InvalidCodesError(ValueError):
@@ -266,6 +264,9 @@ def _scan_topk_kernel(query_words, db_columns, k, bits, block, group, out_distan
     in database order with a histogram of their distances; its k-th distance t bounds the rest:
     a later item at distance t ranks after the k earlier ones at distance <= t, so only distances
     < t are counted (vector loop) and re-read (only in sub-blocks that counted any).
+
+    Over 60 lines: one numba kernel (a `prange` over query groups) whose per-group buffers live
+    across its loops; the self-contained steps are helpers (`_count_closer`, `_keep_first_k`).
     """
     num_query, num_db = query_words.shape[0], db_columns.shape[1]
     capacity = k + block  # room for one block of candidates after shrinking to k
@@ -549,32 +550,17 @@ class HashIndex:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the index to `path` (.npz) atomically (temporary file + rename)."""
-        fields = self._fields()
-        fields["sha256"] = _text_field(arrays_sha256(fields))
-        write_npz_atomically(path, fields)
+        """Writes the index to `path` (.npz, with its SHA-256) atomically (temporary file +
+        rename)."""
+        save_checked_npz(path, self._fields())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> HashIndex:
         """Reads an index written by `save`; raises `IndexFileError` naming the file if it cannot
         be read, was written by another format version, or fails its checksum."""
-        path = os.fspath(path)
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                fields = {name: archive[name] for name in archive.files}
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
-            raise IndexFileError(f"{path}: not a readable hash index file ({error})") from error
-        if "format_version" not in fields:
-            raise IndexFileError(f"{path}: not a hash index file (no format_version)")
-        version = int(fields["format_version"])
-        if version != INDEX_FORMAT_VERSION:
-            raise IndexFileError(
-                f"{path}: hash index format version {version}, this code reads "
-                f"version {INDEX_FORMAT_VERSION}; re-encode the database"
-            )
-        stored = bytes(fields.pop("sha256", np.zeros(0, np.uint8))).decode("ascii", "replace")
-        if stored != arrays_sha256(fields):
-            raise IndexFileError(f"{path}: checksum mismatch, the file is corrupted")
+        fields = load_checked_npz(
+            path, "hash index", INDEX_FORMAT_VERSION, "re-encode the database", IndexFileError
+        )
         try:
             bits = int(fields["bits"])
             return cls(

@@ -10,10 +10,17 @@ import json
 import time
 from pathlib import Path
 
+import jax
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from fdh_jax.atomic_files import write_text_atomically
+
+
+def report(message: str) -> None:
+    """Progress output, from process 0 only."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
 
 
 class MetricWriter:

@@ -8,10 +8,7 @@ restarted from its workdir, with any number of input workers or threads, ends ex
 uninterrupted run would.
 """
 
-import json
 import math
-import signal
-import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -25,18 +22,15 @@ import optax
 import orbax.checkpoint as ocp
 from flax.training import train_state
 
-from fdh_jax import evaluate, feature_cache, inference, parallel
-from fdh_jax.atomic_files import write_text_atomically
-from fdh_jax.checksums import file_record, files_problem
-from fdh_jax.data import load_splits, validation_split
-from fdh_jax.data.decode import SubsetSource
+from fdh_jax import checkpointing, evaluate, feature_cache, inference, parallel, selection
+from fdh_jax.data import load_splits
 from fdh_jax.data.pipeline import model_inputs, train_dataset
 from fdh_jax.data.transforms import eval_transform
 from fdh_jax.losses import total_loss
 from fdh_jax.models.backbones import get_backbone
 from fdh_jax.models.fdh import build_model
-from fdh_jax.summaries import MetricWriter
-from fdh_jax.validation import ConfigError, validate_config
+from fdh_jax.summaries import MetricWriter, report
+from fdh_jax.validation import validate_config
 
 
 class TrainState(train_state.TrainState):
@@ -46,28 +40,32 @@ class TrainState(train_state.TrainState):
 
 
 # ---------------------------------------------------------------------------------- optimiser
+def learning_rate_schedule(
+    config: ml_collections.ConfigDict, total_steps: int, multiplier: float = 1.0
+) -> optax.Schedule:
+    """Linear warm-up from 0 over `train.warmup_steps`, then cosine decay to 0 at `total_steps`,
+    peaking at `train.learning_rate * multiplier`. Argument: the optimiser's update count."""
+    train = config.train
+    warmup = min(train.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        0.0, train.learning_rate * multiplier, warmup, max(total_steps, warmup + 1), 0.0
+    )
+
+
 def make_optimizer(
     config: ml_collections.ConfigDict, total_steps: int
 ) -> optax.GradientTransformation:
     """Warm-up + cosine schedule; SGD-momentum or AdamW; the backbone at its own rate or frozen."""
     train = config.train
-    warmup = min(train.warmup_steps, max(total_steps - 1, 0))
-
-    def schedule(multiplier: float) -> optax.Schedule:
-        return optax.warmup_cosine_decay_schedule(
-            0.0, train.learning_rate * multiplier, warmup, max(total_steps, warmup + 1), 0.0
-        )
-
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
 
     def optimizer(multiplier: float) -> optax.GradientTransformation:
+        schedule = learning_rate_schedule(config, total_steps, multiplier)
         if train.optimizer == "adamw":
-            return optax.adamw(
-                schedule(multiplier), weight_decay=train.weight_decay, mask=decay_mask
-            )
+            return optax.adamw(schedule, weight_decay=train.weight_decay, mask=decay_mask)
         return optax.chain(
             optax.add_decayed_weights(train.weight_decay, mask=decay_mask),
-            optax.sgd(schedule(multiplier), momentum=train.momentum),
+            optax.sgd(schedule, momentum=train.momentum),
         )
 
     backbone = (
@@ -90,13 +88,14 @@ def make_optimizer(
     return tx
 
 
-def learning_rate(config: ml_collections.ConfigDict, total_steps: int, step: int) -> float:
-    """The head learning rate at `step` (for logging)."""
-    warmup = min(config.train.warmup_steps, max(total_steps - 1, 0))
-    fn = optax.warmup_cosine_decay_schedule(
-        0.0, config.train.learning_rate, warmup, max(total_steps, warmup + 1), 0.0
+def _update_count(opt_state) -> jax.Array:
+    """The count that the next update passes to the head's learning-rate schedule, read from the
+    optimiser state (`ScaleByScheduleState`; the head's, which is the last one found)."""
+    states = jax.tree.leaves(
+        opt_state, is_leaf=lambda node: isinstance(node, optax.ScaleByScheduleState)
     )
-    return float(fn(step))
+    counts = [node.count for node in states if isinstance(node, optax.ScaleByScheduleState)]
+    return counts[-1]
 
 
 # ---------------------------------------------------------------------------------- state
@@ -186,8 +185,12 @@ def train_step(
     loss_config: ml_collections.ConfigDict,
     grad_accum_steps: int = 1,
     micro_batch_sharding: jax.sharding.NamedSharding | None = None,
+    schedule: optax.Schedule | None = None,
 ):
     """One update on a global batch; returns `(new_state, measurements)`.
+
+    Use `make_train_step`, which jits this over the mesh as training does; `schedule` (the head's
+    learning-rate schedule) adds the rate this update used to the measurements (`"lr"`).
 
     `batch`: `{"image": [B, S, S, 3], "label": [B]}`. With `grad_accum_steps = A > 1` the batch
     is split into `A` contiguous micro-batches of `B / A` (whole classes: the sampler groups a
@@ -231,180 +234,29 @@ def train_step(
         "grad_norm": optax.global_norm(grads),
         "param_norm": optax.global_norm(new_state.params),
     }
+    if schedule is not None:
+        measurements["lr"] = schedule(_update_count(state.opt_state))
     return new_state, measurements
 
 
-# ---------------------------------------------------------------------------------- checkpoints
-VALIDATION_METRIC = "validation_mAP"  # saved with a checkpoint: mean over the code lengths
-
-
-def checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-    """Orbax manager of `workdir/checkpoints`: the newest `train.keep_checkpoints`, and with
-    `eval.select=best` also the checkpoint of the best validation mAP (ties: the later step)."""
-    if config.eval.select == "best":
-        preservation = ocp.checkpoint_managers.AnyPreservationPolicy(
-            [
-                ocp.checkpoint_managers.LatestN(config.train.keep_checkpoints),
-                ocp.checkpoint_managers.BestN(
-                    get_metric_fn=lambda metrics: metrics[VALIDATION_METRIC],
-                    n=1,
-                    keep_checkpoints_without_metrics=False,
-                ),
-            ]
-        )
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=preservation, create=True, enable_async_checkpointing=True
-        )
-    else:
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=config.train.keep_checkpoints, create=True, enable_async_checkpointing=True
-        )
-    return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options)
-
-
-CHECKSUMS = "fdh_checksums.json"  # in each finished step directory: SHA-256 of every file
-
-
-class DamagedCheckpointsError(RuntimeError):
-    """Every checkpoint of a workdir is unreadable (nothing is deleted)."""
-
-
-def seal_checkpoints(directory: Path) -> None:
-    """Writes `CHECKSUMS` (size and SHA-256 of each file) into every finished step directory of
-    `directory` that has none, so that a later restore can tell damaged bytes from good ones
-    (Orbax's files carry no checksums). Orbax renames a step to its bare number only when the
-    save is complete, and `manager.save` waits for the previous save, so callers seal after a
-    save has been waited for."""
-    if jax.process_index() != 0 or not directory.is_dir():
-        return
-    for step_dir in directory.iterdir():
-        if not step_dir.name.isdigit() or (step_dir / CHECKSUMS).exists():
-            continue
-        files = sorted(f for f in step_dir.rglob("*") if f.is_file())
-        manifest = {str(f.relative_to(step_dir)): file_record(f) for f in files}
-        write_text_atomically(step_dir / CHECKSUMS, json.dumps(manifest, indent=1) + "\n")
-
-
-def checkpoint_damage(step_dir: Path) -> str | None:
-    """Why the sealed checkpoint `step_dir` is damaged (None if intact, or never sealed)."""
-    try:
-        manifest = json.loads((step_dir / CHECKSUMS).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as error:
-        return f"unreadable {CHECKSUMS} ({error})"
-    return files_problem(step_dir, manifest)
-
-
-def restore_latest_intact(
-    workdir: Path, config: ml_collections.ConfigDict, state: TrainState
-) -> tuple[ocp.CheckpointManager, TrainState, dict | None, int | None]:
-    """`(manager, state, progress, step)` from the newest checkpoint that reads back intact.
-
-    A damaged newer checkpoint (checksum mismatch, missing or truncated file, or a restore
-    that fails) is named in one line and moved to `workdir/damaged_checkpoints/` (Orbax would
-    otherwise refuse to save that step again); training continues from the previous one, and
-    since batches are a pure function of the step it ends as an uninterrupted run would. With
-    checkpoints but none intact: `DamagedCheckpointsError`, nothing moved or deleted.
-    """
-    directory = workdir / "checkpoints"
-    steps = sorted(inference.checkpoint_steps(workdir), reverse=True)
-    problems = []
-    for step in steps:
-        problem = checkpoint_damage(directory / str(step))
-        if problem is None:
-            manager = checkpoint_manager(workdir, config)
-            try:
-                restored, progress = restore_checkpoint(manager, state, step)
-            except Exception as error:  # noqa: BLE001 - tensorstore/Orbax raise many kinds
-                manager.close()
-                problem = str(error).strip().splitlines()[0][:200] if str(error) else repr(error)
-            else:
-                if problems and jax.process_index() == 0:
-                    aside = workdir / "damaged_checkpoints"
-                    aside.mkdir(exist_ok=True)
-                    for damaged, _ in problems:
-                        (directory / str(damaged)).rename(aside / str(damaged))
-                    manager.close()
-                    manager = checkpoint_manager(workdir, config)
-                return manager, restored, progress, step
-        problems.append((step, problem))
-        report(f"Checkpoint {directory / str(step)} is damaged ({problem}).")
-    if problems:
-        raise DamagedCheckpointsError(
-            f"no intact checkpoint in {directory} (steps {', '.join(str(s) for s, _ in problems)}"
-            " are damaged; nothing was deleted): move the directory away to train from scratch"
-        )
-    return checkpoint_manager(workdir, config), state, None, None
-
-
-def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState, step: int):
-    """Restores `(state, progress)` saved at `step` onto the shardings of `state`."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()
+def make_train_step(config: ml_collections.ConfigDict, mesh, total_steps: int, donate: bool = True):
+    """The train step as training runs it: `train_step` jitted over `mesh` (state replicated,
+    batch sharded along `data`, micro-batches of `train.grad_accum_steps` spread over all
+    devices, the state's buffers donated unless `donate=False`). `total_steps` fixes the logged
+    learning rate's schedule. -> `fn(state, global_batch) -> (state, measurements)`; build the
+    global batch with `parallel.global_batch`."""
+    return jax.jit(
+        partial(
+            train_step,
+            loss_config=config.loss,
+            grad_accum_steps=config.train.grad_accum_steps,
+            micro_batch_sharding=parallel.micro_batch_sharding(mesh),
+            schedule=learning_rate_schedule(config, total_steps),
         ),
+        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+        out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+        donate_argnums=0 if donate else (),
     )
-    return restored.state, restored.progress
-
-
-def save_checkpoint(
-    manager: ocp.CheckpointManager,
-    step: int,
-    state: TrainState,
-    progress: dict,
-    metrics: dict | None = None,
-):
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)
-        ),
-        metrics=metrics,
-    )
-
-
-# ---------------------------------------------------------------------------------- validation
-def validation_sources(config: ml_collections.ConfigDict, database: Any) -> tuple[Any, Any]:
-    """`(training part, validation)` of the database inputs; `validation` is `(queries,
-    database)` for scoring (the held-out images against the training part), or None when
-    `eval.validation_fraction` is 0. The query split is never touched."""
-    fraction = config.eval.validation_fraction
-    if fraction <= 0:
-        return database, None
-    train, held_out = validation_split(database.labels, fraction, config.eval.validation_seed)
-    if held_out.size == 0:
-        raise ConfigError(
-            "eval.validation_fraction",
-            f"{fraction} holds out no image of the {len(database)} database images (each "
-            "class keeps at least one for training): raise it or set 0",
-        )
-    training = SubsetSource(database, train)
-    return training, (SubsetSource(database, held_out), training)
-
-
-def validation_scores(model, state: TrainState, validation: tuple[Any, Any], config, mesh):
-    """mAP@all per code length of the held-out images against the training part, and their
-    mean over the code lengths (`"mean"`: what `eval.select=best` ranks)."""
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    queries, database = validation
-    query_codes, query_labels = evaluate.encode_source(model, variables, queries, config, mesh)
-    db_codes, db_labels = evaluate.encode_source(model, variables, database, config, mesh)
-    scores = {
-        k: float(
-            evaluate.mean_average_precision(
-                query_codes[k],
-                db_codes[k],
-                query_labels,
-                db_labels,
-                tie_break=config.eval.tie_break,
-            )
-        )
-        for k in map(str, config.bits)
-    }
-    return scores | {"mean": float(np.mean(list(scores.values())))}
 
 
 # ---------------------------------------------------------------------------------- logging
@@ -417,20 +269,40 @@ def _format_seconds(seconds: float) -> str:
     )
 
 
-def report(message: str) -> None:
-    """Progress output, from process 0 only."""
-    if jax.process_index() == 0:
-        print(message, flush=True)
+class _Throughput:
+    """Images per second since the previous log line."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size, self.steps, self.since = batch_size, 0, time.perf_counter()
+
+    def stepped(self) -> None:
+        self.steps += 1
+
+    def rate(self) -> float:
+        """Images per second since the last call (or the start), and starts a new window."""
+        now = time.perf_counter()
+        rate = self.steps * self.batch_size / max(now - self.since, 1e-9)
+        self.steps, self.since = 0, now
+        return rate
 
 
-def _log_step(step: int, total: int, metrics: dict, images_per_second: float, writer) -> None:
-    eta = (total - step) * (metrics["batch_size"] / max(images_per_second, 1e-9))
+def _log_step(step: int, total: int, measurements: dict, throughput: _Throughput, writer) -> None:
+    """Prints and writes the step's measurements (fetched from the devices: this waits for the
+    step); `FloatingPointError` if any is not finite."""
+    metrics = {k: float(v) for k, v in jax.device_get(measurements).items()}
+    if not all(math.isfinite(v) for v in metrics.values()):
+        bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+        raise FloatingPointError(f"non-finite {', '.join(bad)} at step {step}")
+    rate = throughput.rate()
+    eta = (total - step) * throughput.batch_size / max(rate, 1e-9)
     report(
         f"step {step}/{total} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
-        f"{images_per_second:.0f} img/s | ETA {_format_seconds(eta)}"
+        f"{rate:.0f} img/s | ETA {_format_seconds(eta)}"
     )
     if writer is not None:
-        writer.write(step, {**metrics, "images_per_second": images_per_second})
+        writer.write(
+            step, metrics | {"batch_size": throughput.batch_size, "images_per_second": rate}
+        )
 
 
 def _log_validation(step: int, total: int, scores: dict, writer) -> None:
@@ -446,49 +318,6 @@ def total_train_steps(config: ml_collections.ConfigDict, num_database: int) -> i
         return int(config.train.num_steps)
     steps_per_epoch = max(1, num_database // config.train.batch_size)
     return max(1, math.ceil(config.train.num_epochs * steps_per_epoch))
-
-
-class Preempted(Exception):  # noqa: N818 - it is an outcome, not a fault
-    """Training stopped on a preemption notice after saving the checkpoint of `step`."""
-
-    def __init__(self, step: int, directory: Path):
-        super().__init__(
-            f"preempted: saved the checkpoint of step {step} in {directory}; "
-            "run the same command again to resume"
-        )
-        self.step = step
-
-
-class PreemptionNotice:
-    """Context manager: `reached(manager, step)` says when to save and stop.
-
-    One process: a SIGTERM handler sets a flag, read after each step. Several processes: the
-    processes must stop at the same step, so the notice comes from JAX's preemption service
-    (its own SIGTERM notifier, or the TPU maintenance event), which agrees on a step across
-    hosts: `manager.reached_preemption(step)`. A Python handler would replace that notifier.
-    """
-
-    def __enter__(self) -> "PreemptionNotice":
-        self.signalled = False
-        self._previous = None
-        self._installed = (
-            jax.process_count() == 1 and threading.current_thread() is threading.main_thread()
-        )
-        if self._installed:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        del signum, frame
-        self.signalled = True
-
-    def __exit__(self, *exc_info) -> None:
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
-
-    def reached(self, manager: ocp.CheckpointManager, step: int) -> bool:
-        # Called at every step on every process: the multi-host sync point requires it.
-        return manager.reached_preemption(step) or self.signalled
 
 
 class Run(NamedTuple):
@@ -533,7 +362,7 @@ def prepare_run(
     state = create_train_state(
         config, model, make_optimizer(config, total_steps), mesh, calibration
     )
-    manager, state, progress, restored = restore_latest_intact(workdir, config, state)
+    manager, state, progress, restored = checkpointing.restore_latest_intact(workdir, config, state)
     if restored is not None:
         report(f"Restored {workdir / 'checkpoints'} at step {restored}.")
     progress = progress or {"train_seconds": 0.0}
@@ -572,141 +401,38 @@ def _evaluate_and_report(
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Trains FDH-MFE (resuming from `workdir`), evaluates, writes `workdir/results.json`.
 
-    Returns the results dict (DESIGN section 3). On a preemption notice (SIGTERM) it saves the
-    checkpoint of the current step and raises `Preempted`; the next start resumes from it.
+    Returns the results dict (docs/design.md, "Contracts"). On a preemption notice (SIGTERM) it
+    saves the checkpoint of the current step and raises `checkpointing.Preempted`; the next start
+    resumes from it.
     """
     workdir = Path(workdir)
-    is_main = jax.process_index() == 0
     run = prepare_run(config, workdir)
-    mesh, total_steps, manager, state, progress = (
-        run.mesh,
-        run.total_steps,
-        run.manager,
-        run.state,
-        run.progress,
-    )
-    start_step = int(state.step)
-    if is_main:  # the workdir's record of the model (see fdh_jax/inference.py)
+    start_step = int(run.state.step)
+    if jax.process_index() == 0:  # the workdir's record of the model (see fdh_jax/inference.py)
         inference.record_training_run(workdir, config, run.database, resuming=start_step > 0)
     # A frozen backbone's stage maps come from the feature cache (computed on first use).
     backbone_variables = {
-        "params": state.params.get("backbone", {}),
-        "batch_stats": state.batch_stats.get("backbone", {}),
+        "params": run.state.params.get("backbone", {}),
+        "batch_stats": run.state.batch_stats.get("backbone", {}),
     }
     database_inputs, query_inputs = feature_cache.cached_splits(
-        config, run.database, run.query, backbone_variables, mesh
+        config, run.database, run.query, backbone_variables, run.mesh
     )
-    train_inputs, validation = validation_sources(config, database_inputs)
-    dataset = train_dataset(
-        train_inputs,
-        config,
-        total_steps,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        first_step=start_step,
-    )
-
-    # ---- loop
-    step_fn = jax.jit(
-        partial(
-            train_step,
-            loss_config=config.loss,
-            grad_accum_steps=config.train.grad_accum_steps,
-            micro_batch_sharding=parallel.micro_batch_sharding(mesh),
-        ),
-        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-        out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
-        donate_argnums=0,
-    )
-    train_seconds = float(progress["train_seconds"])
-    scored = progress.get("validation")  # {"step", "mAP"}: the latest validation scores
-    best = progress.get("best")  # {"step", "mAP"}: the best so far (ties: the later step)
-    if start_step < total_steps:
-        report(
-            f"Training {config.model.backbone} on {config.data.name} ({len(run.database)} images, "
-            f"{run.database.num_classes} classes) for {total_steps} steps, batch "
-            f"{config.train.batch_size}, {jax.device_count()} device(s)."
-        )
-        iterator = iter(dataset)
-        writer = MetricWriter(workdir, resumed_at=start_step) if is_main else None
-        window_start, window_steps = time.perf_counter(), 0
-        segment_start = time.perf_counter()
-        try:
-            with PreemptionNotice() as notice:
-                for step in range(start_step + 1, total_steps + 1):
-                    batch = parallel.global_batch(next(iterator), mesh)
-                    state, measurements = step_fn(state, batch)
-                    window_steps += 1
-                    if step % config.train.log_every == 0 or step == total_steps:
-                        metrics = {k: float(v) for k, v in jax.device_get(measurements).items()}
-                        if not all(math.isfinite(v) for v in metrics.values()):
-                            bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
-                            raise FloatingPointError(f"non-finite {', '.join(bad)} at step {step}")
-                        now = time.perf_counter()
-                        rate = window_steps * config.train.batch_size / (now - window_start)
-                        window_start, window_steps = now, 0
-                        metrics |= {
-                            "lr": learning_rate(config, total_steps, step),
-                            "batch_size": config.train.batch_size,
-                        }
-                        _log_step(step, total_steps, metrics, rate, writer)
-                    validating = validation is not None and (
-                        step == total_steps
-                        or (config.eval.every > 0 and step % config.eval.every == 0)
-                    )
-                    if validating:
-                        scores = validation_scores(run.model, state, validation, config, mesh)
-                        scored = {"step": step, "mAP": scores}
-                        if best is None or scores["mean"] >= best["mAP"]["mean"]:
-                            best = scored
-                        _log_validation(step, total_steps, scores, writer)
-                    preempted = notice.reached(manager, step)
-                    if (
-                        step % config.train.checkpoint_every == 0
-                        or step == total_steps
-                        or preempted
-                        or (validating and config.eval.select == "best")
-                    ):
-                        elapsed = train_seconds + time.perf_counter() - segment_start
-                        save_checkpoint(
-                            manager,
-                            step,
-                            state,
-                            {
-                                "train_seconds": elapsed,
-                                "validation": scored,
-                                "best": best,
-                            },
-                            {VALIDATION_METRIC: scored["mAP"]["mean"]} if validating else None,
-                        )
-                        seal_checkpoints(workdir / "checkpoints")  # the earlier ones
-                    if preempted and step < total_steps:
-                        manager.wait_until_finished()
-                        seal_checkpoints(workdir / "checkpoints")
-                        manager.close()
-                        raise Preempted(step, workdir / "checkpoints")
-        finally:
-            manager.wait_until_finished()
-            seal_checkpoints(workdir / "checkpoints")
-            if writer is not None:
-                writer.close()
-        train_seconds += time.perf_counter() - segment_start
+    train_inputs, validation = selection.validation_sources(config, database_inputs)
+    chosen = selection.Selection(config, run.progress)
+    train_seconds = float(run.progress["train_seconds"])
+    state = run.state
+    if start_step < run.total_steps:
+        state, seconds = _train(config, workdir, run, train_inputs, validation, chosen)
+        train_seconds += seconds
     else:
         report(f"Checkpoint at step {start_step} is final: evaluating without training.")
 
-    # ---- evaluation
     selected = None
     if validation is not None:
-        chosen = best if config.eval.select == "best" else scored
-        selected = {
-            "rule": "best validation mAP" if config.eval.select == "best" else "last step",
-            "step": int(chosen["step"]) if config.eval.select == "best" else int(state.step),
-            "validation_mAP": chosen["mAP"],
-            "validation_queries": len(validation[0]),
-            "validation_database": len(validation[1]),
-        }
+        selected = chosen.chosen(validation, int(state.step))
         if selected["step"] != int(state.step):
-            state, _ = restore_checkpoint(manager, state, selected["step"])
+            state, _ = checkpointing.restore_checkpoint(run.manager, state, selected["step"])
             report(f"Selected step {selected['step']} (best validation mAP).")
     results = _evaluate_and_report(
         run._replace(state=state),
@@ -716,5 +442,83 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         (query_inputs, database_inputs),
         None if selected is None else {"selected": selected},
     )
-    manager.close()
+    run.manager.close()
     return results
+
+
+def _train(config, workdir: Path, run: Run, train_inputs, validation, chosen) -> tuple:
+    """The training loop from the restored step to `run.total_steps`: update, log, validate,
+    checkpoint; `(final state, seconds spent)`. Seals every checkpoint it leaves behind."""
+    start_step, total_steps = int(run.state.step), run.total_steps
+    report(
+        f"Training {config.model.backbone} on {config.data.name} ({len(run.database)} images, "
+        f"{run.database.num_classes} classes) for {total_steps} steps, batch "
+        f"{config.train.batch_size}, {jax.device_count()} device(s)."
+    )
+    dataset = train_dataset(
+        train_inputs,
+        config,
+        total_steps,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        first_step=start_step,
+    )
+    step_fn = make_train_step(config, run.mesh, total_steps)
+    state, iterator, started = run.state, iter(dataset), time.perf_counter()
+    writer = MetricWriter(workdir, resumed_at=start_step) if jax.process_index() == 0 else None
+    throughput = _Throughput(config.train.batch_size)
+    checkpoints = workdir / "checkpoints"
+    try:
+        with checkpointing.PreemptionNotice() as notice:
+            for step in range(start_step + 1, total_steps + 1):
+                batch = parallel.global_batch(next(iterator), run.mesh)
+                state, measurements = step_fn(state, batch)
+                throughput.stepped()
+                if step % config.train.log_every == 0 or step == total_steps:
+                    _log_step(step, total_steps, measurements, throughput, writer)
+                scores = _validate_if_due(config, run, step, state, validation, chosen, writer)
+                preempted = notice.reached(run.manager, step)
+                if _checkpoint_due(config, step, total_steps, preempted, scores is not None):
+                    elapsed = float(run.progress["train_seconds"]) + time.perf_counter() - started
+                    metrics = (
+                        None
+                        if scores is None
+                        else {checkpointing.VALIDATION_METRIC: scores["mean"]}
+                    )
+                    progress = {"train_seconds": elapsed} | chosen.progress()
+                    checkpointing.save_checkpoint(run.manager, step, state, progress, metrics)
+                    checkpointing.seal_checkpoints(checkpoints)  # the earlier ones
+                if preempted and step < total_steps:
+                    run.manager.wait_until_finished()
+                    checkpointing.seal_checkpoints(checkpoints)
+                    run.manager.close()
+                    raise checkpointing.Preempted(step, checkpoints)
+    finally:
+        run.manager.wait_until_finished()
+        checkpointing.seal_checkpoints(checkpoints)
+        if writer is not None:
+            writer.close()
+    return state, time.perf_counter() - started
+
+
+def _validate_if_due(config, run: Run, step: int, state, validation, chosen, writer) -> dict | None:
+    """Validation scores at `step` (every `eval.every` steps and at the last one), recorded in
+    `chosen` and logged; None when no validation is due."""
+    due = step == run.total_steps or (config.eval.every > 0 and step % config.eval.every == 0)
+    if validation is None or not due:
+        return None
+    scores = selection.validation_scores(run.model, state, validation, config, run.mesh)
+    chosen.record(step, scores)
+    _log_validation(step, run.total_steps, scores, writer)
+    return scores
+
+
+def _checkpoint_due(config, step: int, total_steps: int, preempted: bool, validated: bool) -> bool:
+    """Every `train.checkpoint_every` steps, at the last step, on preemption, and after each
+    validation when the best checkpoint is to be kept."""
+    return (
+        step % config.train.checkpoint_every == 0
+        or step == total_steps
+        or preempted
+        or (validated and config.eval.select == "best")
+    )

@@ -2,7 +2,13 @@
 
 `validate_config` raises `ConfigError` whose message is one line that starts with the offending
 field, e.g. `config.bits: code lengths must be positive integers, got (0, 24)`.
+
+Two tables: `FIELD_RULES` checks each field on its own (every field of `configs/default.py` has
+a rule; `tests/test_validation.py` keeps it so), `CROSS_CHECKS` the relations between fields and
+the device count.
 """
+
+from collections.abc import Callable
 
 import ml_collections
 
@@ -14,6 +20,7 @@ DTYPES = ("float32", "bfloat16")
 TIE_BREAKS = ("index", "expected", "semicon")
 SELECTIONS = ("last", "best")
 BAD_IMAGE_POLICIES = ("error", "skip")
+DATASETS = ("synthetic", *sorted(SOURCE_MODULES))
 
 
 class ConfigError(ValueError):
@@ -24,188 +31,248 @@ class ConfigError(ValueError):
         self.field = field
 
 
-def _check(condition: bool, field: str, problem: str) -> None:
-    if not condition:
-        raise ConfigError(field, problem)
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _flag(value) -> bool:
+    return isinstance(value, bool)
+
+
+def _text(value) -> bool:
+    return isinstance(value, str)
+
+
+def _at_least(low) -> Callable:
+    return lambda value: _number(value) and value >= low
+
+
+def _positive(value) -> bool:
+    return _number(value) and value > 0
+
+
+def _positive_integer(value) -> bool:
+    return _integer(value) and value > 0
+
+
+def _between(low, high, *, open_low=False, open_high=False) -> Callable:
+    def test(value) -> bool:
+        if not _number(value):
+            return False
+        above = value > low if open_low else value >= low
+        below = value < high if open_high else value <= high
+        return above and below
+
+    return test
+
+
+def _one_of(choices) -> Callable:
+    return lambda value: value in choices
+
+
+def _distinct(values, test) -> bool:
+    values = tuple(values)
+    return len(values) > 0 and all(map(test, values)) and len(set(values)) == len(values)
+
+
+# (field, test, what the field must be): the message is `must be <what>, got <value>`, or the
+# text itself when it names the value (`{value!r}`).
+FIELD_RULES: tuple[tuple[str, Callable, str], ...] = (
+    ("seed", _integer, "an integer"),
+    ("bits", lambda v: _distinct(v, _positive_integer), "distinct positive integer code lengths"),
+    (
+        "data.name",
+        _one_of(DATASETS),
+        "unknown dataset {value!r}; choose from " + ", ".join(DATASETS),
+    ),
+    ("data.root", _text, "a path (a string)"),
+    ("data.image_size", lambda v: _integer(v) and v >= 32, "an integer >= 32 (pixels)"),
+    ("data.eval_resize", _positive_integer, "a positive integer (pixels)"),
+    (
+        "data.crop_scale",
+        lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1,
+        "(lo, hi), 0 < lo <= hi <= 1",
+    ),
+    ("data.horizontal_flip", _flag, "True or False"),
+    ("data.bad_images", _one_of(BAD_IMAGE_POLICIES), f"one of {', '.join(BAD_IMAGE_POLICIES)}"),
+    ("data.test_fraction", _between(0, 1, open_low=True, open_high=True), "in (0, 1)"),
+    ("data.num_workers", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("data.num_threads", _positive_integer, "a positive integer"),
+    ("data.prefetch", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("data.feature_cache", _text, "a directory, 'auto' or '' (off)"),
+    ("data.cached_views", _positive_integer, "an integer >= 1 (view 0 is the evaluation view)"),
+    ("data.synthetic.image_size", lambda v: _integer(v) and v >= 32, "an integer >= 32"),
+    ("data.synthetic.num_classes", lambda v: _integer(v) and v >= 2, "an integer >= 2"),
+    ("data.synthetic.train_per_class", _positive_integer, "a positive integer"),
+    ("data.synthetic.test_per_class", _positive_integer, "a positive integer"),
+    (
+        "model.backbone",
+        _one_of(BACKBONES),
+        "unknown backbone {value!r}; choose from " + ", ".join(BACKBONES),
+    ),
+    ("model.width", _positive_integer, "a positive integer"),
+    ("model.pretrained", _text, "a weights file path or '' (none)"),
+    ("model.freeze_backbone", _flag, "True or False"),
+    (
+        "model.stages",
+        lambda v: _distinct(v, _one_of(STAGE_NAMES)),
+        f"distinct names from {', '.join(STAGE_NAMES)}",
+    ),
+    ("model.use_suppression", _flag, "True or False"),
+    ("model.mask_temperature", _positive, "positive"),
+    ("model.mask_floor", _between(0, 1), "in [0, 1]"),
+    ("model.mask_gradient", _flag, "True or False"),
+    ("model.use_gnn", _flag, "True or False"),
+    ("model.node_dim", _positive_integer, "a positive integer"),
+    ("model.grid_size", _positive_integer, "an integer >= 1"),
+    ("model.gnn_layers", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("model.gnn_heads", _positive_integer, "a positive integer"),
+    ("model.use_classifier", _flag, "True or False"),
+    ("model.dtype", _one_of(DTYPES), f"one of {', '.join(DTYPES)}"),
+    ("loss.use_proxy", _flag, "True or False"),
+    ("loss.learnable_proxies", _flag, "True or False"),
+    ("loss.proxy_scale", _positive, "positive"),
+    ("loss.proxy_margin", _at_least(0), ">= 0"),
+    ("loss.uniformity_weight", _at_least(0), ">= 0"),
+    ("loss.uniformity_t", _positive, "positive"),
+    ("loss.balance_weight", _at_least(0), ">= 0"),
+    ("loss.quantization_weight", _at_least(0), ">= 0"),
+    ("loss.use_triplet", _flag, "True or False"),
+    ("loss.triplet_weight", _at_least(0), ">= 0"),
+    ("loss.triplet_margin", _at_least(0), ">= 0"),
+    ("loss.classification_weight", _at_least(0), ">= 0"),
+    ("loss.label_smoothing", _between(0, 1, open_high=True), "in [0, 1)"),
+    ("train.batch_size", _positive_integer, "a positive integer"),
+    ("train.classes_per_batch", _positive_integer, "a positive integer"),
+    ("train.images_per_class", _positive_integer, "a positive integer"),
+    ("train.grad_accum_steps", _positive_integer, "a positive integer"),
+    ("train.num_steps", lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: use num_epochs)"),
+    ("train.num_epochs", _at_least(0), ">= 0"),
+    ("train.optimizer", _one_of(OPTIMIZERS), f"one of {', '.join(OPTIMIZERS)}"),
+    ("train.learning_rate", _positive, "positive"),
+    ("train.backbone_lr_multiplier", _at_least(0), ">= 0"),
+    ("train.momentum", _between(0, 1, open_high=True), "in [0, 1)"),
+    ("train.weight_decay", _at_least(0), ">= 0"),
+    ("train.grad_clip", _at_least(0), ">= 0 (0: no clipping)"),
+    ("train.warmup_steps", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("train.log_every", _positive_integer, "a positive integer"),
+    ("train.checkpoint_every", _positive_integer, "a positive integer"),
+    ("train.keep_checkpoints", _positive_integer, "a positive integer"),
+    ("eval.batch_size", _positive_integer, "a positive integer"),
+    ("eval.tie_break", _one_of(TIE_BREAKS), f"one of {', '.join(TIE_BREAKS)}"),
+    ("eval.precision_at_k", lambda v: all(map(_positive_integer, v)), "positive integers"),
+    ("eval.validation_fraction", _between(0, 1, open_high=True), "in [0, 1)"),
+    ("eval.validation_seed", _integer, "an integer"),
+    ("eval.every", lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: only at the end)"),
+    ("eval.select", _one_of(SELECTIONS), f"one of {', '.join(SELECTIONS)}"),
+)
+
+
+def _field(config: ml_collections.ConfigDict, name: str):
+    value = config
+    for part in name.split("."):
+        value = value[part]
+    return value
+
+
+def _satisfies(test: Callable, value) -> bool:
+    try:
+        return bool(test(value))
+    except (TypeError, ValueError):  # e.g. a number where a tuple belongs
+        return False
+
+
+def _cross_checks(c: ml_collections.ConfigDict, num_devices: int) -> list[tuple[str, bool, str]]:
+    """Relations between fields, and with the device count: `(field, holds, problem)` rows,
+    checked in order once every field passed its own rule. Over 60 lines: it is one table
+    literal, a row per check."""
+    data, model, loss, train, ev = c.data, c.model, c.loss, c.train, c.eval
+    accum = train.grad_accum_steps
+    pq = train.classes_per_batch * train.images_per_class
+    return [
+        (
+            "data.root",
+            data.name == "synthetic" or bool(data.root),
+            f"dataset {data.name!r} needs --config.data.root=DIR (where the dataset is on disk)",
+        ),
+        (
+            "data.eval_resize",
+            data.eval_resize >= data.image_size,
+            f"must be >= data.image_size ({data.image_size}), got {data.eval_resize}",
+        ),
+        (
+            "model.gnn_heads",
+            model.node_dim % model.gnn_heads == 0,
+            f"must divide model.node_dim ({model.node_dim}), got {model.gnn_heads}",
+        ),
+        (
+            "loss",
+            loss.use_proxy
+            or loss.use_triplet
+            or (model.use_classifier and loss.classification_weight > 0),
+            "every loss is switched off: enable use_proxy, use_triplet or the classifier",
+        ),
+        (
+            "train.batch_size",
+            train.batch_size % num_devices == 0,
+            f"{train.batch_size} is not divisible by the {num_devices} devices",
+        ),
+        (
+            "train.batch_size",
+            train.batch_size % (accum * num_devices) == 0,
+            f"{train.batch_size} is not divisible by train.grad_accum_steps x devices "
+            f"= {accum} x {num_devices}",
+        ),
+        (
+            "train.grad_accum_steps",
+            train.classes_per_batch % accum == 0,
+            f"must divide train.classes_per_batch ({train.classes_per_batch}) so that each "
+            f"micro-batch holds whole classes, got {accum}",
+        ),
+        (
+            "train.classes_per_batch",
+            pq == train.batch_size,
+            f"P x Q = {train.classes_per_batch} x {train.images_per_class} = {pq} must equal "
+            f"train.batch_size ({train.batch_size})",
+        ),
+        (
+            "train.images_per_class",
+            train.images_per_class >= 2 or not loss.use_triplet,
+            "the triplet loss needs >= 2 images per class in a batch, got "
+            f"{train.images_per_class}",
+        ),
+        (
+            "train.num_steps",
+            train.num_steps > 0 or train.num_epochs > 0,
+            "set train.num_steps > 0 or train.num_epochs > 0",
+        ),
+        (
+            "eval.batch_size",
+            ev.batch_size % num_devices == 0,
+            f"{ev.batch_size} is not divisible by the {num_devices} devices",
+        ),
+        (
+            "eval.select",
+            ev.select == "last" or ev.validation_fraction > 0,
+            "'best' needs a validation split: set eval.validation_fraction (e.g. 0.1)",
+        ),
+    ]
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises `ConfigError` for the first invalid field of `config` on `num_devices` devices."""
-    bits = tuple(config.bits)
-    _check(len(bits) > 0, "bits", "needs at least one code length")
-    _check(
-        all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in bits),
-        "bits",
-        f"code lengths must be positive integers, got {bits}",
-    )
-    _check(len(set(bits)) == len(bits), "bits", f"code lengths must be distinct, got {bits}")
-
-    data = config.data
-    datasets = ("synthetic", *sorted(SOURCE_MODULES))
-    _check(
-        data.name in datasets,
-        "data.name",
-        f"unknown dataset {data.name!r}; choose from {', '.join(datasets)}",
-    )
-    _check(
-        data.name == "synthetic" or bool(data.root),
-        "data.root",
-        f"dataset {data.name!r} needs --config.data.root=DIR (where the dataset is on disk)",
-    )
-    _check(data.image_size >= 32, "data.image_size", f"must be >= 32 pixels, got {data.image_size}")
-    _check(
-        data.eval_resize >= data.image_size,
-        "data.eval_resize",
-        f"must be >= data.image_size ({data.image_size}), got {data.eval_resize}",
-    )
-    _check(
-        data.bad_images in BAD_IMAGE_POLICIES,
-        "data.bad_images",
-        f"must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {data.bad_images!r}",
-    )
-    _check(
-        0 < data.test_fraction < 1,
-        "data.test_fraction",
-        f"must be in (0, 1), got {data.test_fraction}",
-    )
-    _check(data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {data.num_workers}")
-    _check(
-        isinstance(data.cached_views, int) and data.cached_views >= 1,
-        "data.cached_views",
-        f"must be an integer >= 1 (view 0 is the evaluation view), got {data.cached_views!r}",
-    )
-
-    model = config.model
-    _check(
-        model.backbone in BACKBONES,
-        "model.backbone",
-        f"unknown backbone {model.backbone!r}; choose from {', '.join(BACKBONES)}",
-    )
-    stages = tuple(model.stages)
-    _check(
-        len(stages) > 0
-        and all(s in STAGE_NAMES for s in stages)
-        and len(set(stages)) == len(stages),
-        "model.stages",
-        f"must be distinct names from {', '.join(STAGE_NAMES)}, got {stages}",
-    )
-    _check(model.width > 0, "model.width", f"must be positive, got {model.width}")
-    _check(model.node_dim > 0, "model.node_dim", f"must be positive, got {model.node_dim}")
-    _check(
-        model.gnn_heads > 0 and model.node_dim % model.gnn_heads == 0,
-        "model.gnn_heads",
-        f"must divide model.node_dim ({model.node_dim}), got {model.gnn_heads}",
-    )
-    _check(model.gnn_layers >= 0, "model.gnn_layers", f"must be >= 0, got {model.gnn_layers}")
-    _check(model.grid_size >= 1, "model.grid_size", f"must be >= 1, got {model.grid_size}")
-    _check(
-        0 <= model.mask_floor <= 1, "model.mask_floor", f"must be in [0, 1], got {model.mask_floor}"
-    )
-    _check(
-        model.dtype in DTYPES,
-        "model.dtype",
-        f"must be one of {', '.join(DTYPES)}, got {model.dtype!r}",
-    )
-
-    loss = config.loss
-    _check(
-        loss.use_proxy
-        or loss.use_triplet
-        or (model.use_classifier and loss.classification_weight > 0),
-        "loss",
-        "every loss is switched off: enable use_proxy, use_triplet or the classifier",
-    )
-
-    train = config.train
-    _check(train.batch_size > 0, "train.batch_size", f"must be positive, got {train.batch_size}")
-    _check(
-        train.batch_size % num_devices == 0,
-        "train.batch_size",
-        f"{train.batch_size} is not divisible by the {num_devices} devices",
-    )
-    accum = train.grad_accum_steps
-    _check(
-        isinstance(accum, int) and accum >= 1,
-        "train.grad_accum_steps",
-        f"must be a positive integer, got {accum!r}",
-    )
-    _check(
-        train.batch_size % (accum * num_devices) == 0,
-        "train.batch_size",
-        f"{train.batch_size} is not divisible by train.grad_accum_steps x devices "
-        f"= {accum} x {num_devices}",
-    )
-    _check(
-        train.classes_per_batch % accum == 0,
-        "train.grad_accum_steps",
-        f"must divide train.classes_per_batch ({train.classes_per_batch}) so that each "
-        f"micro-batch holds whole classes, got {accum}",
-    )
-    _check(
-        train.classes_per_batch * train.images_per_class == train.batch_size,
-        "train.classes_per_batch",
-        f"P x Q = {train.classes_per_batch} x {train.images_per_class} = "
-        f"{train.classes_per_batch * train.images_per_class} must equal train.batch_size "
-        f"({train.batch_size})",
-    )
-    _check(
-        train.images_per_class >= 2 or not loss.use_triplet,
-        "train.images_per_class",
-        f"the triplet loss needs >= 2 images per class in a batch, got {train.images_per_class}",
-    )
-    _check(
-        train.num_steps > 0 or train.num_epochs > 0,
-        "train.num_steps",
-        "set train.num_steps > 0 or train.num_epochs > 0",
-    )
-    _check(
-        train.optimizer in OPTIMIZERS,
-        "train.optimizer",
-        f"must be one of {', '.join(OPTIMIZERS)}, got {train.optimizer!r}",
-    )
-    _check(
-        train.learning_rate > 0,
-        "train.learning_rate",
-        f"must be positive, got {train.learning_rate}",
-    )
-    _check(train.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {train.warmup_steps}")
-    _check(train.log_every > 0, "train.log_every", f"must be positive, got {train.log_every}")
-    _check(
-        train.checkpoint_every > 0,
-        "train.checkpoint_every",
-        f"must be positive, got {train.checkpoint_every}",
-    )
-
-    ev = config.eval
-    _check(ev.batch_size > 0, "eval.batch_size", f"must be positive, got {ev.batch_size}")
-    _check(
-        ev.batch_size % num_devices == 0,
-        "eval.batch_size",
-        f"{ev.batch_size} is not divisible by the {num_devices} devices",
-    )
-    _check(
-        ev.tie_break in TIE_BREAKS,
-        "eval.tie_break",
-        f"must be one of {', '.join(TIE_BREAKS)}, got {ev.tie_break!r}",
-    )
-    _check(
-        all(k > 0 for k in ev.precision_at_k),
-        "eval.precision_at_k",
-        f"must be positive, got {tuple(ev.precision_at_k)}",
-    )
-    _check(
-        0.0 <= ev.validation_fraction < 1.0,
-        "eval.validation_fraction",
-        f"must be in [0, 1), got {ev.validation_fraction}",
-    )
-    _check(ev.every >= 0, "eval.every", f"must be >= 0, got {ev.every}")
-    _check(
-        ev.select in SELECTIONS,
-        "eval.select",
-        f"must be one of {', '.join(SELECTIONS)}, got {ev.select!r}",
-    )
-    _check(
-        ev.select == "last" or ev.validation_fraction > 0,
-        "eval.select",
-        "'best' needs a validation split: set eval.validation_fraction (e.g. 0.1)",
-    )
+    for name, test, expected in FIELD_RULES:
+        value = _field(config, name)
+        if not _satisfies(test, value):
+            shown = tuple(value) if isinstance(value, list) else value
+            problem = (
+                f"must be {expected}, got {{value!r}}" if "{value" not in expected else expected
+            )
+            raise ConfigError(name, problem.format(value=shown))
+    for name, holds, problem in _cross_checks(config, num_devices):
+        if not holds:
+            raise ConfigError(name, problem)

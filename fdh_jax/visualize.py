@@ -112,6 +112,52 @@ def _png_base64(image: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _save_grid_png(grid: np.ndarray, cell_size, topk_distances: np.ndarray, path_png) -> None:
+    """The gallery grid as a PNG, the Hamming distance written on each retrieved cell."""
+    height, width = cell_size
+    scale = 100  # dpi: one grid pixel per figure pixel
+    figure = Figure(figsize=(grid.shape[1] / scale, grid.shape[0] / scale), dpi=scale)
+    FigureCanvasAgg(figure)
+    axes = figure.add_axes((0, 0, 1, 1))
+    axes.imshow(grid, interpolation="nearest")
+    axes.set_axis_off()
+    for q in range(topk_distances.shape[0]):
+        for j in range(topk_distances.shape[1]):
+            top, left = cell_origin(q, j + 1, height, width)
+            axes.text(
+                left + BORDER + 2,
+                top + BORDER + 2,
+                f"d={int(topk_distances[q, j])}",
+                color="white",
+                fontsize=7,
+                va="top",
+                backgroundcolor=(0, 0, 0, 0.55),
+            )
+    figure.savefig(os.fspath(path_png), dpi=scale)
+
+
+def _gallery_page(rows: list[str], k: int, matches: np.ndarray, path_png) -> str:
+    """The static HTML page around the gallery's table rows."""
+    png_name = html.escape(os.path.basename(os.fspath(path_png)))
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>Retrieval gallery</title>
+<style>
+body {{ font-family: sans-serif; }} td {{ text-align: center; font-size: 12px; padding: 4px; }}
+td img {{ border: 4px solid; }}
+td.query img {{ border-color: rgb{QUERY_COLOUR}; }}
+td.match img {{ border-color: rgb{MATCH_COLOUR}; }}
+td.mismatch img {{ border-color: rgb{MISMATCH_COLOUR}; }}
+</style></head><body>
+<h1>Retrieval gallery</h1>
+<p>Each row: the query (blue), then its top-{k} by Hamming distance d;
+green = same class, red = other class. {int(matches.sum())} of {matches.size} retrieved match.
+Grid image: <a href="{png_name}">{png_name}</a>.</p>
+<table>
+{chr(10).join(rows)}
+</table></body></html>
+"""
+
+
 def retrieval_gallery(
     query_images: np.ndarray,
     query_labels: Any,
@@ -142,30 +188,12 @@ def retrieval_gallery(
     matches = gallery_matches(query_labels, db_labels, topk_indices)
     grid = compose_gallery(query_images, db_image, topk_indices, matches)
 
+    _save_grid_png(grid, query_images.shape[1:3], topk_distances, path_png)
+
     def name(label: int) -> str:
         return class_names[label] if class_names is not None else str(label)
 
     height, width = query_images.shape[1:3]
-    scale = 100  # dpi: one grid pixel per figure pixel
-    figure = Figure(figsize=(grid.shape[1] / scale, grid.shape[0] / scale), dpi=scale)
-    FigureCanvasAgg(figure)
-    axes = figure.add_axes((0, 0, 1, 1))
-    axes.imshow(grid, interpolation="nearest")
-    axes.set_axis_off()
-    for q in range(len(query_images)):
-        for j in range(topk_indices.shape[1]):
-            top, left = cell_origin(q, j + 1, height, width)
-            axes.text(
-                left + BORDER + 2,
-                top + BORDER + 2,
-                f"d={int(topk_distances[q, j])}",
-                color="white",
-                fontsize=7,
-                va="top",
-                backgroundcolor=(0, 0, 0, 0.55),
-            )
-    figure.savefig(os.fspath(path_png), dpi=scale)
-
     rows = []
     for q in range(len(query_images)):
         cells = [
@@ -182,24 +210,7 @@ def retrieval_gallery(
                 f"{html.escape(name(int(db_labels[index])))}</td>"
             )
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    png_name = html.escape(os.path.basename(os.fspath(path_png)))
-    page = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>Retrieval gallery</title>
-<style>
-body {{ font-family: sans-serif; }} td {{ text-align: center; font-size: 12px; padding: 4px; }}
-td img {{ border: 4px solid; }}
-td.query img {{ border-color: rgb{QUERY_COLOUR}; }}
-td.match img {{ border-color: rgb{MATCH_COLOUR}; }}
-td.mismatch img {{ border-color: rgb{MISMATCH_COLOUR}; }}
-</style></head><body>
-<h1>Retrieval gallery</h1>
-<p>Each row: the query (blue), then its top-{topk_indices.shape[1]} by Hamming distance d;
-green = same class, red = other class. {int(matches.sum())} of {matches.size} retrieved match.
-Grid image: <a href="{png_name}">{png_name}</a>.</p>
-<table>
-{chr(10).join(rows)}
-</table></body></html>
-"""
+    page = _gallery_page(rows, topk_indices.shape[1], matches, path_png)
     with open(os.fspath(path_html), "w", encoding="utf-8") as f:
         f.write(page)
     return matches

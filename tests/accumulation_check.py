@@ -14,7 +14,6 @@ Run in a fresh process with `XLA_FLAGS=--xla_force_host_platform_device_count=4`
 
 import json
 import sys
-from functools import partial
 from pathlib import Path
 
 import jax
@@ -30,7 +29,7 @@ from fdh_jax.data import load_split  # noqa: E402
 from fdh_jax.data.transforms import eval_transform  # noqa: E402
 from fdh_jax.losses import total_loss  # noqa: E402
 from fdh_jax.models.fdh import build_model  # noqa: E402
-from fdh_jax.train import create_train_state, make_optimizer, train_step  # noqa: E402
+from fdh_jax.train import create_train_state, make_optimizer, make_train_step  # noqa: E402
 
 ACCUM = 4
 
@@ -60,17 +59,11 @@ def micro_batches(config, source):
 
 
 def jitted_step(config, mesh, accum):
-    """The jitted train step over `mesh`; `fn(state, host_batch) -> (state, measurements)`."""
-    fn = jax.jit(
-        partial(
-            train_step,
-            loss_config=config.loss,
-            grad_accum_steps=accum,
-            micro_batch_sharding=parallel.micro_batch_sharding(mesh),
-        ),
-        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-        out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
-    )
+    """The product's train step over `mesh` with `accum` micro-batches (state not donated: the
+    checks compare it afterwards); `fn(state, host_batch) -> (state, measurements)`."""
+    config = config.copy_and_resolve_references()
+    config.train.grad_accum_steps = accum
+    fn = make_train_step(config, mesh, total_steps=1, donate=False)
     return lambda state, batch: fn(state, parallel.global_batch(batch, mesh))
 
 

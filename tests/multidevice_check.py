@@ -6,7 +6,6 @@ Run in a fresh process with `XLA_FLAGS=--xla_force_host_platform_device_count=4`
 
 import json
 import sys
-from functools import partial
 from pathlib import Path
 
 import jax
@@ -20,7 +19,7 @@ from fdh_jax import parallel  # noqa: E402
 from fdh_jax.data import load_split  # noqa: E402
 from fdh_jax.data.pipeline import iterate, train_dataset  # noqa: E402
 from fdh_jax.models.fdh import build_model  # noqa: E402
-from fdh_jax.train import create_train_state, make_optimizer, train_step  # noqa: E402
+from fdh_jax.train import create_train_state, make_optimizer, make_train_step  # noqa: E402
 
 
 def run(devices, num_steps=3):
@@ -32,11 +31,7 @@ def run(devices, num_steps=3):
     source = load_split(config, "train")
     model = build_model(config, source.num_classes)
     state = create_train_state(config, model, make_optimizer(config, num_steps), mesh)
-    step_fn = jax.jit(
-        partial(train_step, loss_config=config.loss),
-        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-        out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
-    )
+    step_fn = make_train_step(config, mesh, num_steps)
     losses = []
     for batch in iterate(train_dataset(source, config, num_steps)):
         state, measurements = step_fn(state, parallel.global_batch(batch, mesh))

@@ -37,7 +37,7 @@ def main(phase: str, workdir: Path) -> int:
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    from fdh_jax import evaluate, train  # noqa: PLC0415
+    from fdh_jax import checkpointing, evaluate, train  # noqa: PLC0415
 
     assert jax.process_count() == 2 and jax.device_count() == 4, jax.devices()
     config = check_config()
@@ -57,7 +57,7 @@ def main(phase: str, workdir: Path) -> int:
         parallel.global_batch = fetch_then_signal
         try:
             train.train_and_evaluate(config, workdir)
-        except train.Preempted as notice:
+        except checkpointing.Preempted as notice:
             print(f"process {jax.process_index()}: {notice}", flush=True)
             return 143
         return 1  # the notice was lost

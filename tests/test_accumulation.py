@@ -12,7 +12,7 @@ from fdh_jax import parallel
 from fdh_jax.data import load_split
 from fdh_jax.data.pipeline import iterate, train_dataset
 from fdh_jax.models.fdh import build_model
-from fdh_jax.train import create_train_state, make_optimizer, train_step
+from fdh_jax.train import create_train_state, make_optimizer, make_train_step
 from fdh_jax.validation import ConfigError, validate_config
 
 
@@ -47,9 +47,8 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state():
     # The losses see float32: the model casts its outputs back.
     assert all(h.dtype == jnp.float32 for h in outputs["hash"].values())
 
-    new_state, measurements = jax.jit(
-        lambda s, b: train_step(s, b, config.loss, grad_accum_steps=2)
-    )(state, batch)
+    config.train.grad_accum_steps = 2
+    new_state, measurements = make_train_step(config, mesh, 1, donate=False)(state, batch)
     for tree in (new_state.params, new_state.opt_state, new_state.batch_stats):
         floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
         assert floats and all(x.dtype == jnp.float32 for x in floats)

@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import REPO, tiny_config
 
-from fdh_jax import train
+from fdh_jax import checkpointing, train
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def _remove(step_dir):
 
 def _truncate_unsealed(step_dir):
     """A checkpoint killed before it was sealed: only the restore itself can fail."""
-    (step_dir / train.CHECKSUMS).unlink()
+    (step_dir / checkpointing.CHECKSUMS).unlink()
     _truncate(step_dir)
 
 
@@ -54,7 +54,7 @@ def test_damaged_latest_checkpoint_falls_back_and_ends_the_same(finished, tmp_pa
     config, reference_dir, reference = finished
     workdir = tmp_path / "run"
     shutil.copytree(reference_dir, workdir)
-    assert (workdir / "checkpoints" / "8" / train.CHECKSUMS).is_file()
+    assert (workdir / "checkpoints" / "8" / checkpointing.CHECKSUMS).is_file()
     damage(workdir / "checkpoints" / "8")
 
     results = train.train_and_evaluate(config, workdir)

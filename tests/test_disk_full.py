@@ -33,13 +33,13 @@ FLAGS = [
 _FULL_DISK = """
 import errno, sys
 from absl import app
-from fdh_jax import main, train
-save = train.save_checkpoint
+from fdh_jax import checkpointing, main
+save = checkpointing.save_checkpoint
 def save_or_fail(manager, step, *rest):
     if step == 6:
         raise OSError(errno.ENOSPC, "No space left on device", str(manager.directory / "6"))
     save(manager, step, *rest)
-train.save_checkpoint = save_or_fail
+checkpointing.save_checkpoint = save_or_fail
 sys.argv = ["fdh_jax.main", *{flags!r}]
 app.run(main.main, flags_parser=main._parse_flags)
 """

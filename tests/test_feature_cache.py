@@ -166,14 +166,14 @@ import os, signal, sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 from test_feature_cache import frozen_config
-from fdh_jax import train
-save = train.save_checkpoint
+from fdh_jax import checkpointing, train
+save = checkpointing.save_checkpoint
 def save_then_die(manager, step, state, progress, *rest):
     save(manager, step, state, progress, *rest)
     if step == 2:
         manager.wait_until_finished()
         os.kill(os.getpid(), signal.SIGKILL)
-train.save_checkpoint = save_then_die
+checkpointing.save_checkpoint = save_then_die
 train.train_and_evaluate(frozen_config(Path({root!r}), Path({cache!r}), 4), {workdir!r})
 """
 

@@ -19,7 +19,10 @@ def test_stage_graph_is_fully_connected_without_self_loops():
 
 def test_region_nodes_match_adaptive_average_pooling():
     x = np.random.default_rng(0).normal(size=(2, 5, 7, 3)).astype(np.float32)
-    got = np.asarray(mfe.region_nodes(jnp.asarray(x), 2))
+    nodes, background = mfe.stage_nodes(jnp.asarray(x), None, 0.25, 2)
+    assert background is None
+    np.testing.assert_allclose(nodes[:, 0], x.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+    got = np.asarray(nodes[:, 1:])
     # PyTorch adaptive pooling bins: [floor(i*H/g), ceil((i+1)*H/g)).
     expected = np.stack(
         [

@@ -5,7 +5,6 @@ the evaluation codes equal a 1-process evaluation of the same checkpoint, item f
 import json
 import os
 import subprocess
-from functools import partial
 
 import jax
 import numpy as np
@@ -17,7 +16,7 @@ from fdh_jax import evaluate, parallel
 from fdh_jax.data import load_split
 from fdh_jax.data.pipeline import iterate, train_dataset
 from fdh_jax.models.fdh import build_model
-from fdh_jax.train import create_train_state, make_optimizer, prepare_run, train_step
+from fdh_jax.train import create_train_state, make_optimizer, make_train_step, prepare_run
 
 
 def _launch(phase, workdir):
@@ -47,7 +46,7 @@ def _one_process_losses():
     source = load_split(config, "train")
     model = build_model(config, source.num_classes)
     state = create_train_state(config, model, make_optimizer(config, NUM_STEPS), mesh)
-    step_fn = jax.jit(partial(train_step, loss_config=config.loss))
+    step_fn = make_train_step(config, mesh, NUM_STEPS)
     losses = []
     for batch in iterate(train_dataset(source, config, NUM_STEPS)):
         state, measurements = step_fn(state, parallel.global_batch(batch, mesh))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from fdh_jax import train
+from fdh_jax import selection, train
 from fdh_jax.data import load_splits, validation_split
 from fdh_jax.inference import load_encoder
 
@@ -31,7 +31,7 @@ def test_validation_images_come_from_the_database_split_only():
     config = tiny_config()
     config.eval.validation_fraction = 0.34
     splits = load_splits(config, ("train", "test"))
-    training, (queries, database) = train.validation_sources(config, splits["train"])
+    training, (queries, database) = selection.validation_sources(config, splits["train"])
     assert len(queries) == 4 * 2 and len(training) == len(database) == 4 * 4
     assert set(queries.indices).isdisjoint(training.indices)
     assert len(set(queries.indices) | set(training.indices)) == len(splits["train"])
@@ -51,7 +51,7 @@ def test_select_best_scores_and_serves_the_best_validation_step(tmp_path, monkey
         seen.append(step)
         return {"8": curve[step], "12": curve[step], "mean": curve[step]}
 
-    monkeypatch.setattr(train, "validation_scores", forced)
+    monkeypatch.setattr(selection, "validation_scores", forced)
     config = tiny_config(num_steps=8)
     config.train.checkpoint_every = 8
     config.train.keep_checkpoints = 1
@@ -100,7 +100,7 @@ def test_a_validation_fraction_that_holds_out_nothing_names_the_field():
     config.eval.validation_fraction = 0.05  # round(0.05 * 6) = 0 of every class
     source = load_splits(config, ("train",))["train"]
     with pytest.raises(ConfigError, match="eval.validation_fraction.*holds out no image"):
-        train.validation_sources(config, source)
+        selection.validation_sources(config, source)
 
 
 def test_frozen_mobilenet_v2_recipe_selects_on_validation_only():

@@ -32,11 +32,11 @@ from fdh_jax.data.decode import (
     BadImage,
     BadImageError,
     BadImagesFoundError,
-    apply_bad_image_policy,
     decode_image,
     find_bad_images,
     without_images,
 )
+from fdh_jax.data.image_scan import scan_splits
 from fdh_jax.data.sources import (
     PUBLISHED_SPLIT_SIZES,
     DatasetNotFoundError,
@@ -213,7 +213,7 @@ def test_folder_images_subfolder_and_extensions(tmp_path):
     assert all(Path(p).parent.parent == images for p in everything)
 
 
-def test_folder_split_csv_with_bad_images_and_policy(tmp_path):
+def test_folder_split_csv_with_bad_images_and_policy(tmp_path, capsys):
     expected = write_class_folders(
         tmp_path / "images",
         {
@@ -249,21 +249,24 @@ def test_folder_split_csv_with_bad_images_and_policy(tmp_path):
     assert "truncated" in bad[0].reason
     assert find_bad_images(test, max_workers=2, progress=None) == []
 
+    def apply(source, policy):
+        return scan_splits({"train": source}, policy, use_cache=False, progress=None)["train"]
+
     with pytest.raises(BadImagesFoundError) as raised:
-        apply_bad_image_policy(train, "error", progress=None)
-    assert "1 unreadable image(s) in folder/train" in str(raised.value)
+        apply(train, "error")
+    assert "1 unreadable image(s) in folder (train: 1)" in str(raised.value)
     assert truncated_path in str(raised.value)
-    with pytest.warns(UserWarning, match="skipping 1 unreadable"):
-        kept = apply_bad_image_policy(train, "skip", progress=None)
+    kept = apply(train, "skip")
+    assert "skipping 1 unreadable image(s)" in capsys.readouterr().err
     assert len(kept) == 4 and truncated_path not in kept.paths
     assert kept.labels.tolist() == [
         train.labels[i] for i in range(5) if train.paths[i] in kept.paths
     ]
     assert find_bad_images(kept, progress=None) == []
     assert kept.num_classes == 2 and kept.split == "train"
-    assert apply_bad_image_policy(test, "error", progress=None) is test
+    assert apply(test, "error") is test
     with pytest.raises(ValueError, match="bad_images"):
-        apply_bad_image_policy(test, "ignore", progress=None)
+        apply(test, "ignore")
 
 
 def test_find_bad_images_reports_progress_and_index_order(tmp_path):

@@ -29,13 +29,13 @@ _KILLED_RUN = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 from conftest import tiny_config
-from fdh_jax import train
-save = train.save_checkpoint
+from fdh_jax import checkpointing, train
+save = checkpointing.save_checkpoint
 def save_then_die(manager, step, state, progress, *rest):
     save(manager, step, state, progress, *rest)
     if step == {kill_at}:
         os.kill(os.getpid(), signal.SIGKILL)
-train.save_checkpoint = save_then_die
+checkpointing.save_checkpoint = save_then_die
 config = tiny_config({steps})
 train.train_and_evaluate(config, {workdir!r})
 """
@@ -59,6 +59,21 @@ def test_train_and_evaluate_writes_results(finished_run):
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 9))
     assert all(json.loads(line)["loss"] > 0 for line in lines)
+
+
+def test_logged_learning_rate_is_the_one_each_update_used(finished_run):
+    # Warm-up 1 step, cosine decay over 8: the update of step s (1-based) uses the optimiser's
+    # count s - 1, i.e. lr 0, then the peak, then the decay. Hand-computed from the formula.
+    config, workdir, _ = finished_run
+    peak, total, warmup = config.train.learning_rate, 8, 1
+    expected = [0.0] + [
+        peak * 0.5 * (1 + np.cos(np.pi * (count - warmup) / (total - warmup)))
+        for count in range(1, total)
+    ]
+    logged = [
+        json.loads(line)["lr"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
+    ]
+    np.testing.assert_allclose(logged, expected, rtol=1e-5, atol=1e-12)
 
 
 def _events(path):

@@ -3,10 +3,12 @@
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 from conftest import REPO
 
-from fdh_jax.validation import ConfigError, validate_config
+from fdh_jax.config_files import load_config
+from fdh_jax.validation import FIELD_RULES, ConfigError, validate_config
 
 
 @pytest.mark.parametrize(
@@ -23,6 +25,13 @@ from fdh_jax.validation import ConfigError, validate_config
         ("train.optimizer", "lion", 1, "config.train.optimizer"),
         ("eval.tie_break", "random", 1, "config.eval.tie_break"),
         ("model.dtype", "float16", 1, "config.model.dtype"),
+        ("model.mask_temperature", 0.0, 1, "config.model.mask_temperature"),
+        ("train.keep_checkpoints", 0, 1, "config.train.keep_checkpoints"),
+        ("data.crop_scale", (0.5, 0.2), 1, "config.data.crop_scale"),
+        ("data.crop_scale", (0.0, 1.0), 1, "config.data.crop_scale"),
+        ("loss.label_smoothing", 1.0, 1, "config.loss.label_smoothing"),
+        ("eval.precision_at_k", (10, 0), 1, "config.eval.precision_at_k"),
+        ("data.eval_resize", 16, 1, "config.data.eval_resize"),
     ],
 )
 def test_invalid_field_is_named(tiny, field, value, num_devices, named):
@@ -62,3 +71,33 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     assert lines[-1].startswith("fdh_jax: error: config.model.backbone: unknown backbone 'resnet7'")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "w" / "checkpoints").exists()  # nothing written, nothing compiled
+
+
+def _flat_fields(config, prefix=""):
+    for name, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _flat_fields(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}"
+
+
+def test_every_default_field_has_exactly_one_rule():
+    fields = list(_flat_fields(load_config(REPO / "configs" / "default.py")))
+    ruled = [name for name, _, _ in FIELD_RULES]
+    assert len(ruled) == len(set(ruled))
+    assert sorted(ruled) == sorted(fields)
+
+
+@pytest.mark.parametrize("field", [name for name, _, _ in FIELD_RULES])
+def test_each_rule_rejects_a_value_of_the_wrong_kind(tiny, field):
+    # Outside ml_collections' type safety (a config built in Python can hold anything): a
+    # string where a number, flag or tuple belongs, a number where a string belongs.
+    config = ml_collections.ConfigDict(tiny.to_dict(), type_safe=False)
+    section, _, name = field.rpartition(".")
+    target = config
+    for part in filter(None, section.split(".")):
+        target = target[part]
+    target[name] = 7 if isinstance(target[name], str) else "not-a-value"
+    with pytest.raises(ConfigError) as error:
+        validate_config(config, 1)
+    assert str(error.value).startswith(f"config.{field}:") and "\n" not in str(error.value)

@@ -5,7 +5,7 @@ The names below are imported on first use, so that importing a light submodule
 needs) does not import every dataset source.
 """
 
-import importlib
+from fdh_jax.lazy import lazy_exports
 
 _EXPORTS = {
     "DatasetNotFoundError": "fdh_jax.data.sources",
@@ -19,13 +19,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fdh_jax.data' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -33,9 +33,9 @@ forces the full decode with `.load()`; `decode_image` refuses to run if some oth
 that flag on.
 
 `find_bad_images` decodes every item of a source (in threads; Pillow releases the GIL while
-decoding) and returns the unreadable ones; `apply_bad_image_policy` implements
-`config.data.bad_images` for one source ("error": stop and list every bad file, "skip": drop
-them). `fdh_jax.data.image_scan.scan_splits` does the same for both splits at once, with a cache.
+decoding) and returns the unreadable ones; `fdh_jax.data.image_scan.scan_splits` applies
+`config.data.bad_images` to all splits at once ("error": stop and list every bad file, "skip":
+drop them), with a cache.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ import stat
 import struct
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -448,38 +447,3 @@ def without_images(source: Any, bad_images: Iterable[BadImage | tuple[str, str] 
         return source
     keep = [i for i, path in enumerate(source.paths) if path not in bad_paths]
     return SubsetSource(source, keep)
-
-
-def apply_bad_image_policy(
-    source: Any,
-    policy: str,
-    *,
-    max_workers: int | None = None,
-    progress: Callable[[int, int, int, float], None] | None = _default_progress,
-) -> Any:
-    """Scans `source` and applies `config.data.bad_images`.
-
-    Args:
-      source: a source.
-      policy: "error" raises `BadImagesFoundError` (listing every one) if any image is
-        unreadable; "skip" returns the source without them (and warns with the count).
-      max_workers, progress: as in `find_bad_images`.
-
-    Returns:
-      the source, or a `SubsetSource` without the unreadable images.
-    """
-    if policy not in BAD_IMAGE_POLICIES:
-        raise ValueError(f"data.bad_images must be one of {BAD_IMAGE_POLICIES}, got {policy!r}")
-    bad = find_bad_images(source, max_workers=max_workers, progress=progress)
-    if not bad:
-        return source
-    description = f"{getattr(source, 'name', '?')}/{getattr(source, 'split', '?')}"
-    if policy == "error":
-        raise BadImagesFoundError(description, bad)
-    shown = ", ".join(b.path for b in bad[:_SHOWN_SKIPPED_PATHS])
-    warnings.warn(
-        f"skipping {len(bad)} unreadable image(s) in {description}: {shown}"
-        + (" ..." if len(bad) > _SHOWN_SKIPPED_PATHS else ""),
-        stacklevel=2,
-    )
-    return without_images(source, bad)

@@ -241,54 +241,77 @@ def scan_splits(
     if process != 0:
         progress = None
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    splits = list(sources)
+    cache_files = {
+        split: directory / f"{key}.json"
+        for split in sources
+        if use_cache and (key := scan_key(sources[split])) is not None
+    }
+    found = _cached_scans(sources, cache_files, num_processes)
+    to_scan = [split for split in sources if split not in found]
+    for split in to_scan:
+        share = range(process, len(sources[split]), num_processes)
+        found[split] = find_bad_items(
+            sources[split],
+            share,
+            max_workers=max_workers,
+            progress=progress if process == 0 else None,
+        )
+    if num_processes > 1 and to_scan:
+        _merge_across_processes(sources, to_scan, found)
+    for split in to_scan:
+        if split in cache_files:
+            _write_cache(cache_files[split], sources[split], found[split])
+    return _apply_policy(sources, found, policy, process)
 
-    cache_files: dict[str, Path | None] = {}
-    found: dict[str, dict[int, BadImage]] = {}
-    for split in splits:
-        key = scan_key(sources[split]) if use_cache else None
-        cache_files[split] = directory / f"{key}.json" if key is not None else None
-        if cache_files[split] is not None:
-            cached = _read_cache(cache_files[split], sources[split])
-            if cached is not None:
-                found[split] = cached
+
+def _cached_scans(
+    sources: Mapping[str, Any], cache_files: Mapping[str, Path], num_processes: int
+) -> dict[str, dict[int, BadImage]]:
+    """The splits whose scan is cached (on every process, when there are several: the
+    collectives that follow must be entered by every process alike)."""
+    found = {}
+    for split, cache_file in cache_files.items():
+        cached = _read_cache(cache_file, sources[split])
+        if cached is not None:
+            found[split] = cached
     if num_processes > 1:
-        # The collectives below must be entered by every process alike: a split is taken from
-        # the cache only if every process has it cached.
+        splits = list(sources)
         have = np.array([split in found for split in splits], dtype=np.uint8)
         everywhere = _allgather(have).min(axis=0)
         for split, cached_everywhere in zip(splits, everywhere, strict=True):
             if not cached_everywhere:
                 found.pop(split, None)
+    return found
 
-    to_scan = [split for split in splits if split not in found]
-    for split in to_scan:
-        share = range(process, len(sources[split]), num_processes)
-        found[split] = find_bad_items(
-            sources[split], share, max_workers=max_workers, progress=progress
-        )
-    if num_processes > 1 and to_scan:
-        flags = []
-        for split in to_scan:
-            flag = np.zeros(len(sources[split]), dtype=np.uint8)
-            flag[list(found[split])] = 1
-            flags.append(flag)
-        combined = _allgather(np.concatenate(flags)).max(axis=0)
-        offset = 0
-        for split in to_scan:
-            size = len(sources[split])
-            for index in np.flatnonzero(combined[offset : offset + size]).tolist():
-                if index not in found[split]:
-                    found[split][index] = _recheck(sources[split], index)
-            offset += size
-    for split in to_scan:
-        if cache_files[split] is not None:
-            _write_cache(cache_files[split], sources[split], found[split])
 
+def _merge_across_processes(
+    sources: Mapping[str, Any], scanned: list[str], found: dict[str, dict[int, BadImage]]
+) -> None:
+    """Each process scanned its share: gathers every process's bad indices into `found`."""
+    flags = []
+    for split in scanned:
+        flag = np.zeros(len(sources[split]), dtype=np.uint8)
+        flag[list(found[split])] = 1
+        flags.append(flag)
+    combined = _allgather(np.concatenate(flags)).max(axis=0)
+    offset = 0
+    for split in scanned:
+        size = len(sources[split])
+        for index in np.flatnonzero(combined[offset : offset + size]).tolist():
+            if index not in found[split]:
+                found[split][index] = _recheck(sources[split], index)
+        offset += size
+
+
+def _apply_policy(
+    sources: Mapping[str, Any], found: Mapping[str, dict[int, BadImage]], policy: str, process: int
+) -> dict[str, Any]:
+    """`scan_splits`'s result from the bad files found: the sources as they are, an error
+    listing them all, or the sources without them."""
     # Listing errors first (a folder the scan could not even enter), each reported once.
     bad_by_split: dict[str, list[BadImage]] = {}
     listed: set[str] = set()
-    for split in splits:
+    for split in sources:
         listing = [
             entry
             for entry in getattr(sources[split], "listing_errors", ())
@@ -303,7 +326,7 @@ def scan_splits(
     description = _describe(sources)
     if policy == "error":
         raise BadImagesFoundError(description, bad_by_split)
-    kept = {split: _without_indices(sources[split], found[split]) for split in splits}
+    kept = {split: _without_indices(sources[split], found[split]) for split in sources}
     for split, source in kept.items():
         if len(source) == 0:
             raise BadImagesFoundError(

@@ -1,4 +1,5 @@
-"""Image transforms of the retrieval protocol (DESIGN 1.3), on uint8 NumPy images.
+"""Image transforms of the retrieval protocol, on uint8 NumPy images (docs/design.md,
+"Evaluation protocol").
 
 Train: random-resized crop + horizontal flip. Test: resize the shorter side, centre crop. Both
 end with ImageNet normalisation to float32. Randomness comes from an explicit

@@ -18,6 +18,7 @@ from fdh_jax.models.backbones import get_backbone
 from fdh_jax.models.mfe import MultiLevelFeatures
 from fdh_jax.models.proxies import HashProxies
 from fdh_jax.models.suppression import background_mask
+from fdh_jax.ops import l2_normalize
 
 
 class FDHMFE(nn.Module):
@@ -119,9 +120,7 @@ def _unit(descriptor: jnp.ndarray) -> jnp.ndarray:
     saturated at +-1 within 20 steps on real photos and stopped learning. On the unit vector it
     is at most `lr * sqrt(D)`, and the heads start in tanh's linear range.
     """
-    x = descriptor.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
-    return x.astype(descriptor.dtype)
+    return l2_normalize(descriptor, eps=1e-12)
 
 
 def binarize(hash_values: jnp.ndarray) -> jnp.ndarray:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import jraph
 import numpy as np
 
-from fdh_jax.models.suppression import resize_mask
+from fdh_jax.models.suppression import resize_mask, suppressed, suppressed_background
 
 
 def stage_graph(num_stages: int, nodes_per_stage: int) -> jraph.GraphsTuple:
@@ -59,13 +59,6 @@ def pooling_matrix(height: int, width: int, grid_size: int) -> np.ndarray:
     return np.einsum("ih,jw->ijhw", rows, cols).reshape(grid_size * grid_size, height * width)
 
 
-def region_nodes(features: jnp.ndarray, grid_size: int) -> jnp.ndarray:
-    """Adaptive average pooling of `[B, H, W, d]` onto a grid: `[B, grid_size**2, d]`."""
-    batch, height, width, dim = features.shape
-    pool = jnp.asarray(pooling_matrix(height, width, grid_size), features.dtype)
-    return jnp.einsum("rp,bpd->brd", pool, features.reshape(batch, height * width, dim))
-
-
 def stage_nodes(
     features: jnp.ndarray, weights: jnp.ndarray | None, floor: float, grid_size: int
 ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
@@ -99,14 +92,14 @@ def stage_nodes(
     foreground = jnp.concatenate(
         [
             (sum_weighted / (sum_weights + 1e-6))[:, None],
-            floor * regions_all + (1 - floor) * regions_weighted,
+            suppressed(regions_all, regions_weighted, floor),
         ],
         axis=1,
     )
     background = jnp.concatenate(
         [
             ((sum_all - sum_weighted) / (area - sum_weights + 1e-6))[:, None],
-            regions_all - (1 - floor) * regions_weighted,
+            suppressed_background(regions_all, regions_weighted, floor),
         ],
         axis=1,
     )

@@ -24,13 +24,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
+from fdh_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
 # TF/Keras MobileNetV2 BatchNorm epsilon. The running-average decay is the project's fine-tuning
 # choice (as the ResNets: Flax 0.9 == PyTorch momentum 0.1), not Keras' 0.999.
 BATCH_NORM_EPSILON = 1e-3
 BatchNorm = partial(nn.BatchNorm, momentum=0.9, epsilon=BATCH_NORM_EPSILON)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # (expansion t, output channels c, repeats n, first stride s) of the inverted residual groups,
 # after the stem conv (32 channels, stride 2). Table 2 of Sandler et al. 2018.

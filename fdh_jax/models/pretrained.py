@@ -326,7 +326,6 @@ def read_tflite_convs(path: Path) -> tuple[list[dict[str, Any]], dict[str, int]]
         for name, value in vars(tflite.ActivationFunctionType).items()
         if not name.startswith("_") and isinstance(value, int)
     }
-    paddings = {tflite.Padding.SAME: "SAME", tflite.Padding.VALID: "VALID"}
     convs, op_counts = [], {}
     for op_index in range(subgraph.OperatorsLength()):
         op = subgraph.Operators(op_index)
@@ -335,38 +334,47 @@ def read_tflite_convs(path: Path) -> tuple[list[dict[str, Any]], dict[str, int]]
         op_counts[op_name] = op_counts.get(op_name, 0) + 1
         if op_name not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
             continue
-        options_class = {
-            "CONV_2D": tflite.Conv2DOptions,
-            "DEPTHWISE_CONV_2D": tflite.DepthwiseConv2DOptions,
-            "FULLY_CONNECTED": tflite.FullyConnectedOptions,
-        }[op_name]
-        options = options_class()
-        table = op.BuiltinOptions()
-        options.Init(table.Bytes, table.Pos)
-        inputs = op.InputsAsNumpy()
-        kernel = _dequantised_tensor(subgraph, model.Buffers, int(inputs[1]))
-        if len(inputs) > 2 and inputs[2] >= 0:
-            bias = _dequantised_tensor(subgraph, model.Buffers, int(inputs[2]))
-        else:
-            bias = np.zeros(kernel.shape[0 if op_name != "DEPTHWISE_CONV_2D" else -1], np.float32)
-        conv = {
-            "op": op_name,
-            "name": subgraph.Tensors(int(inputs[1])).Name().decode(),
-            "kernel": kernel,
-            "bias": bias,
-            "activation": activations[options.FusedActivationFunction()],
-            "stride": 1,
-            "padding": "VALID",
-        }
-        if op_name != "FULLY_CONNECTED":
-            if options.StrideH() != options.StrideW():
-                raise PretrainedWeightsError(f"{conv['name']}: unequal strides")
-            conv["stride"] = options.StrideH()
-            conv["padding"] = paddings[options.Padding()]
-        if op_name == "DEPTHWISE_CONV_2D" and options.DepthMultiplier() != 1:
-            raise PretrainedWeightsError(f"{conv['name']}: depth multiplier must be 1")
+        conv = _tflite_conv(model, subgraph, op, op_name, activations)
         convs.append(conv)
     return convs, op_counts
+
+
+def _tflite_conv(model, subgraph, op, op_name: str, activations: dict) -> dict[str, Any]:
+    """One CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED op as `read_tflite_convs` returns it."""
+    import tflite
+
+    options = {
+        "CONV_2D": tflite.Conv2DOptions,
+        "DEPTHWISE_CONV_2D": tflite.DepthwiseConv2DOptions,
+        "FULLY_CONNECTED": tflite.FullyConnectedOptions,
+    }[op_name]()
+    table = op.BuiltinOptions()
+    options.Init(table.Bytes, table.Pos)
+    inputs = op.InputsAsNumpy()
+    kernel = _dequantised_tensor(subgraph, model.Buffers, int(inputs[1]))
+    if len(inputs) > 2 and inputs[2] >= 0:
+        bias = _dequantised_tensor(subgraph, model.Buffers, int(inputs[2]))
+    else:
+        bias = np.zeros(kernel.shape[0 if op_name != "DEPTHWISE_CONV_2D" else -1], np.float32)
+    conv = {
+        "op": op_name,
+        "name": subgraph.Tensors(int(inputs[1])).Name().decode(),
+        "kernel": kernel,
+        "bias": bias,
+        "activation": activations[options.FusedActivationFunction()],
+        "stride": 1,
+        "padding": "VALID",
+    }
+    if op_name != "FULLY_CONNECTED":
+        if options.StrideH() != options.StrideW():
+            raise PretrainedWeightsError(f"{conv['name']}: unequal strides")
+        conv["stride"] = options.StrideH()
+        conv["padding"] = {tflite.Padding.SAME: "SAME", tflite.Padding.VALID: "VALID"}[
+            options.Padding()
+        ]
+    if op_name == "DEPTHWISE_CONV_2D" and options.DepthMultiplier() != 1:
+        raise PretrainedWeightsError(f"{conv['name']}: depth multiplier must be 1")
+    return conv
 
 
 def identity_batch_norm(bias: np.ndarray, epsilon: float) -> dict[str, dict[str, np.ndarray]]:
@@ -398,7 +406,33 @@ def mobilenet_v2_variables_from_tflite(path: Path, variables: Mapping[str, Any])
     convs, op_counts = read_tflite_convs(path)
     params = unfreeze(variables)["params"]
     num_classes = params["classifier"]["kernel"].shape[-1] if "classifier" in params else 0
-    layers = mobilenet.conv_layers(num_classes=num_classes)
+    _check_mobilenet_graph(path, convs, op_counts)
+    params_out: dict[tuple[str, ...], np.ndarray] = {}
+    stats_out: dict[tuple[str, ...], np.ndarray] = {}
+    for layer, conv in zip(mobilenet.conv_layers(num_classes=num_classes), convs, strict=False):
+        kernel = _flax_kernel(layer, conv, _lookup(params, (*layer.path, "kernel")))
+        params_out[(*layer.path, "kernel")] = kernel
+        if layer.path == ("classifier",):
+            params_out[("classifier", "bias")] = conv["bias"].astype(kernel.dtype)
+            continue
+        norm_path = (*layer.path[:-1], layer.path[-1] + "_bn")
+        norm = identity_batch_norm(conv["bias"], mobilenet.BATCH_NORM_EPSILON)
+        for name in ("scale", "bias"):
+            params_out[(*norm_path, name)] = norm["params"][name]
+        for name in ("mean", "var"):
+            stats_out[(*norm_path, name)] = norm["batch_stats"][name]
+    loaded = {"params": params_out, "batch_stats": stats_out}
+    for collection, leaves in loaded.items():
+        template_leaves = dict(_flatten(unfreeze(variables)[collection]))
+        _check_filled(path, collection, leaves, template_leaves)
+        loaded[collection] = _unflatten(
+            {key: value.astype(template_leaves[key].dtype) for key, value in leaves.items()}
+        )
+    return loaded
+
+
+def _check_mobilenet_graph(path: Path, convs: list, op_counts: dict) -> None:
+    """The TFLite graph has MobileNetV2 1.0's conv ops and residual ADDs, in number."""
     expected_convs = len(mobilenet.conv_layers(num_classes=1))
     if len(convs) != expected_convs:
         raise PretrainedWeightsError(
@@ -413,67 +447,56 @@ def mobilenet_v2_variables_from_tflite(path: Path, variables: Mapping[str, Any])
         raise PretrainedWeightsError(
             f"{path}: {op_counts.get('ADD', 0)} ADD ops, MobileNetV2 has {expected_adds} residuals"
         )
-    params_out: dict[tuple[str, ...], np.ndarray] = {}
-    stats_out: dict[tuple[str, ...], np.ndarray] = {}
-    for layer, conv in zip(layers, convs, strict=False):
-        where = f"{'/'.join(layer.path)} <- TFLite {conv['op']} {conv['name'].split(';')[0]!r}"
-        is_depthwise = conv["op"] == "DEPTHWISE_CONV_2D"
-        if is_depthwise != layer.depthwise or conv["stride"] != layer.stride:
-            raise PretrainedWeightsError(
-                f"{where}: graph order mismatch (depthwise {is_depthwise} vs {layer.depthwise}, "
-                f"stride {conv['stride']} vs {layer.stride})"
-            )
-        if conv["op"] != "FULLY_CONNECTED" and conv["padding"] != "SAME":
-            raise PretrainedWeightsError(f"{where}: padding {conv['padding']}, model uses SAME")
-        if (conv["activation"] == "RELU6") != layer.relu6 or conv["activation"] not in (
-            "RELU6",
-            "NONE",
-        ):
-            raise PretrainedWeightsError(f"{where}: fused activation {conv['activation']}")
-        kernel = conv["kernel"]
-        if conv["op"] == "FULLY_CONNECTED":
-            kernel = kernel.T[None, None]  # [O, I] -> [1, 1, I, O]
-        elif is_depthwise:
-            kernel = kernel.transpose(1, 2, 0, 3)  # [1, H, W, C] -> [H, W, 1, C]
-        else:
-            kernel = kernel.transpose(1, 2, 3, 0)  # [O, H, W, I] -> [H, W, I, O]
-        if layer.path == ("classifier",):
-            kernel = kernel.reshape(kernel.shape[-2:])  # 1x1 conv on pooled features = Dense
-        template = _lookup(params, (*layer.path, "kernel"))
-        if tuple(kernel.shape) != tuple(template.shape):
-            raise PretrainedWeightsError(
-                f"shape mismatch for {where}: file {tuple(kernel.shape)} (Flax layout), "
-                f"model {tuple(template.shape)}"
-            )
-        params_out[(*layer.path, "kernel")] = kernel.astype(template.dtype)
-        if layer.path == ("classifier",):
-            params_out[("classifier", "bias")] = conv["bias"].astype(template.dtype)
-            continue
-        norm_path = (*layer.path[:-1], layer.path[-1] + "_bn")
-        norm = identity_batch_norm(conv["bias"], mobilenet.BATCH_NORM_EPSILON)
-        for name in ("scale", "bias"):
-            params_out[(*norm_path, name)] = norm["params"][name]
-        for name in ("mean", "var"):
-            stats_out[(*norm_path, name)] = norm["batch_stats"][name]
-    loaded = {"params": params_out, "batch_stats": stats_out}
-    for collection, leaves in loaded.items():
-        template_leaves = dict(_flatten(unfreeze(variables)[collection]))
-        if set(template_leaves) != set(leaves):
-            missing = sorted(set(template_leaves) - set(leaves))
-            raise PretrainedWeightsError(
-                f"{path}: the model has {collection} the file does not fill: "
-                f"{'/'.join(missing[0]) if missing else sorted(set(leaves) - set(template_leaves))}"
-            )
-        for key, value in leaves.items():
-            if value.shape != tuple(template_leaves[key].shape):
-                raise PretrainedWeightsError(
-                    f"shape mismatch for {collection}/{'/'.join(key)}: file {value.shape}, "
-                    f"model {tuple(template_leaves[key].shape)}"
-                )
-        loaded[collection] = _unflatten(
-            {key: value.astype(template_leaves[key].dtype) for key, value in leaves.items()}
+
+
+def _flax_kernel(layer, conv: dict, template: np.ndarray) -> np.ndarray:
+    """A TFLite conv's kernel in the Flax layout of `layer`, after checking that the op is the
+    one the model expects there (kind, stride, SAME padding, fused activation, shape)."""
+    where = f"{'/'.join(layer.path)} <- TFLite {conv['op']} {conv['name'].split(';')[0]!r}"
+    is_depthwise = conv["op"] == "DEPTHWISE_CONV_2D"
+    if is_depthwise != layer.depthwise or conv["stride"] != layer.stride:
+        raise PretrainedWeightsError(
+            f"{where}: graph order mismatch (depthwise {is_depthwise} vs {layer.depthwise}, "
+            f"stride {conv['stride']} vs {layer.stride})"
         )
-    return loaded
+    if conv["op"] != "FULLY_CONNECTED" and conv["padding"] != "SAME":
+        raise PretrainedWeightsError(f"{where}: padding {conv['padding']}, model uses SAME")
+    if (conv["activation"] == "RELU6") != layer.relu6 or conv["activation"] not in (
+        "RELU6",
+        "NONE",
+    ):
+        raise PretrainedWeightsError(f"{where}: fused activation {conv['activation']}")
+    kernel = conv["kernel"]
+    if conv["op"] == "FULLY_CONNECTED":
+        kernel = kernel.T[None, None]  # [O, I] -> [1, 1, I, O]
+    elif is_depthwise:
+        kernel = kernel.transpose(1, 2, 0, 3)  # [1, H, W, C] -> [H, W, 1, C]
+    else:
+        kernel = kernel.transpose(1, 2, 3, 0)  # [O, H, W, I] -> [H, W, I, O]
+    if layer.path == ("classifier",):
+        kernel = kernel.reshape(kernel.shape[-2:])  # 1x1 conv on pooled features = Dense
+    if tuple(kernel.shape) != tuple(template.shape):
+        raise PretrainedWeightsError(
+            f"shape mismatch for {where}: file {tuple(kernel.shape)} (Flax layout), "
+            f"model {tuple(template.shape)}"
+        )
+    return kernel.astype(template.dtype)
+
+
+def _check_filled(path: Path, collection: str, leaves: dict, template_leaves: dict) -> None:
+    """The file filled exactly the model's variables of `collection`, with their shapes."""
+    if set(template_leaves) != set(leaves):
+        missing = sorted(set(template_leaves) - set(leaves))
+        raise PretrainedWeightsError(
+            f"{path}: the model has {collection} the file does not fill: "
+            f"{'/'.join(missing[0]) if missing else sorted(set(leaves) - set(template_leaves))}"
+        )
+    for key, value in leaves.items():
+        if value.shape != tuple(template_leaves[key].shape):
+            raise PretrainedWeightsError(
+                f"shape mismatch for {collection}/{'/'.join(key)}: file {value.shape}, "
+                f"model {tuple(template_leaves[key].shape)}"
+            )
 
 
 def calibrate_folded_batch_norm(

@@ -43,7 +43,24 @@ def resize_mask(mask: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
     return jax.image.resize(mask, (mask.shape[0], height, width, 1), method="bilinear")
 
 
-def suppress(features: jnp.ndarray, mask: jnp.ndarray, floor: float) -> jnp.ndarray:
-    """`F * (floor + (1 - floor) * M)` with `M` resized to the map; `features: [B, H, W, C]`."""
+def suppressed(plain: jnp.ndarray, weighted: jnp.ndarray, floor: float) -> jnp.ndarray:
+    """`floor * F + (1 - floor) * F M` from `F` (plain) and `F M` (weighted), which is
+    `F * (floor + (1 - floor) * M)`. Linear in `F`, so it holds for pooled sums too: the model
+    applies it to region sums (`fdh_jax.models.mfe.stage_nodes`), `suppress` to whole maps."""
+    return floor * plain + (1 - floor) * weighted
+
+
+def suppressed_background(plain: jnp.ndarray, weighted: jnp.ndarray, floor: float) -> jnp.ndarray:
+    """The same with the complementary mask `1 - M`: `F * (floor + (1 - floor) * (1 - M))`,
+    which is `F - (1 - floor) * F M`."""
+    return plain - (1 - floor) * weighted
+
+
+def suppress(
+    features: jnp.ndarray, mask: jnp.ndarray, floor: float, background: bool = False
+) -> jnp.ndarray:
+    """`F * (floor + (1 - floor) * M)` (or with `1 - M` for `background`), `M` resized to the
+    map; `features: [B, H, W, C]`."""
     mask = resize_mask(mask, features.shape[1], features.shape[2]).astype(features.dtype)
-    return features * (floor + (1.0 - floor) * mask)
+    combine = suppressed_background if background else suppressed
+    return combine(features, features * mask, floor)

@@ -23,8 +23,9 @@ from fdh_jax.data.decode import BadImage, decode_image
 
 SPLITS = ("train", "test")
 
-# Published (train, test) split sizes, DESIGN 1.3. VegFru's test list is left unchecked: its size
-# could not be confirmed from a primary source here (the VegFru paper reports 116,931 test images).
+# Published (train, test) split sizes (docs/design.md, "Evaluation protocol"). VegFru's test
+# list is left unchecked: its size could not be confirmed from a primary source here (the VegFru
+# paper reports 116,931 test images).
 PUBLISHED_SPLIT_SIZES: dict[str, dict[str, int | None]] = {
     "cub": {"train": 5994, "test": 5794},
     "aircraft": {"train": 6667, "test": 3333},

@@ -1,4 +1,4 @@
-"""Any folder of class sub-folders (DESIGN section 3), e.g. `configs/folder.py`.
+"""Any folder of class sub-folders (docs/design.md, "Contracts"), e.g. `configs/folder.py`.
 
 Layout searched, in this order:
 

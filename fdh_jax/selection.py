@@ -1,0 +1,91 @@
+"""Choosing the checkpoint to report without looking at the query split.
+
+With `eval.validation_fraction > 0` a seeded per-class share of the database split is held out
+(`fdh_jax.data.validation_split`); every `eval.every` steps and at the last step the held-out
+images query the rest of the database. `eval.select=last` reports the final checkpoint,
+`eval.select=best` the one with the best mean validation mAP over the code lengths (ties: the
+later step; Orbax keeps it). `results.json` says which step was chosen and why
+(docs/design.md, "Contracts").
+"""
+
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from fdh_jax import evaluate
+from fdh_jax.data import validation_split
+from fdh_jax.data.decode import SubsetSource
+from fdh_jax.validation import ConfigError
+
+
+def validation_sources(config: ml_collections.ConfigDict, database: Any) -> tuple[Any, Any]:
+    """`(training part, validation)` of the database inputs; `validation` is `(queries,
+    database)` for scoring (the held-out images against the training part), or None when
+    `eval.validation_fraction` is 0. The query split is never touched."""
+    fraction = config.eval.validation_fraction
+    if fraction <= 0:
+        return database, None
+    train, held_out = validation_split(database.labels, fraction, config.eval.validation_seed)
+    if held_out.size == 0:
+        raise ConfigError(
+            "eval.validation_fraction",
+            f"{fraction} holds out no image of the {len(database)} database images (each "
+            "class keeps at least one for training): raise it or set 0",
+        )
+    training = SubsetSource(database, train)
+    return training, (SubsetSource(database, held_out), training)
+
+
+def validation_scores(model, state: Any, validation: tuple[Any, Any], config, mesh) -> dict:
+    """mAP@all per code length of the held-out images against the training part, and their
+    mean over the code lengths (`"mean"`: what `eval.select=best` ranks)."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    queries, database = validation
+    query_codes, query_labels = evaluate.encode_source(model, variables, queries, config, mesh)
+    db_codes, db_labels = evaluate.encode_source(model, variables, database, config, mesh)
+    scores = {
+        k: float(
+            evaluate.mean_average_precision(
+                query_codes[k],
+                db_codes[k],
+                query_labels,
+                db_labels,
+                tie_break=config.eval.tie_break,
+            )
+        )
+        for k in map(str, config.bits)
+    }
+    return scores | {"mean": float(np.mean(list(scores.values())))}
+
+
+class Selection:
+    """The validation scores seen so far: `latest` and `best` (`{"step", "mAP"}` or None), as
+    stored in a checkpoint's `progress` so that a resumed run continues the same choice."""
+
+    def __init__(self, config: ml_collections.ConfigDict, progress: dict):
+        self.rule = config.eval.select
+        self.latest = progress.get("validation")
+        self.best = progress.get("best")
+
+    def record(self, step: int, scores: dict) -> None:
+        """Scores of `step`; the best so far is replaced on ties (the later step wins)."""
+        self.latest = {"step": step, "mAP": scores}
+        if self.best is None or scores["mean"] >= self.best["mAP"]["mean"]:
+            self.best = self.latest
+
+    def progress(self) -> dict:
+        """The part of a checkpoint's `progress` record that this selection needs."""
+        return {"validation": self.latest, "best": self.best}
+
+    def chosen(self, validation: tuple[Any, Any], final_step: int) -> dict:
+        """`results.json`'s `"selected"`: the step to report, the rule and its scores."""
+        best = self.rule == "best"
+        scored = self.best if best else self.latest
+        return {
+            "rule": "best validation mAP" if best else "last step",
+            "step": int(scored["step"]) if best else final_step,
+            "validation_mAP": scored["mAP"],
+            "validation_queries": len(validation[0]),
+            "validation_database": len(validation[1]),
+        }
