@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from fdh_jax.ops import l2_normalize
 
-def _l2_normalize(x: jnp.ndarray, eps: float = 1e-8) -> jnp.ndarray:
-    return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+_EPS = 1e-8  # of the L2 normalisation of codes and proxies
 
 
 def proxy_loss(
@@ -32,7 +32,7 @@ def proxy_loss(
       proxies: `[C, K]` class proxies.
       labels: `[B]` int class indices.
     """
-    cosine = _l2_normalize(hash_values) @ _l2_normalize(proxies).T
+    cosine = l2_normalize(hash_values, _EPS) @ l2_normalize(proxies, _EPS).T
     one_hot = jax.nn.one_hot(labels, proxies.shape[0], dtype=cosine.dtype)
     logits = scale * (cosine - margin * one_hot)
     return jnp.mean(optax.softmax_cross_entropy(logits, one_hot))
@@ -45,7 +45,7 @@ def proxy_uniformity(proxies: jnp.ndarray, *, t: float = 2.0) -> jnp.ndarray:
     more uniform. Since `||p_i - p_j||^2 = 2 - 2 cos(p_i, p_j)`, this is a log-mean-exp of the
     pairwise cosines.
     """
-    p = _l2_normalize(proxies)
+    p = l2_normalize(proxies, _EPS)
     num = p.shape[0]
     if num < 2:
         return jnp.zeros((), p.dtype)
@@ -88,7 +88,7 @@ def triplet_loss(
       labels: `[B]` int classes.
       background_values: `[B, K]` codes of each image's background descriptor, or None.
     """
-    h = _l2_normalize(hash_values)
+    h = l2_normalize(hash_values, _EPS)
     sq = jnp.maximum(jnp.sum(jnp.square(h[:, None] - h[None]), axis=-1), 0.0)
     same = labels[:, None] == labels[None]
     not_self = ~jnp.eye(labels.shape[0], dtype=bool)
@@ -108,7 +108,7 @@ def triplet_loss(
     class_term = jax.nn.relu(hardest_positive - hardest_negative + margin)
     loss = masked_mean(class_term, has_positive & has_negative)
     if background_values is not None:
-        bg = _l2_normalize(background_values)
+        bg = l2_normalize(background_values, _EPS)
         bg_distance = jnp.sqrt(jnp.sum(jnp.square(h - bg), axis=-1) + 1e-12)
         loss = loss + masked_mean(
             jax.nn.relu(hardest_positive - bg_distance + margin), has_positive
