@@ -31,8 +31,10 @@ setup(
         "tensorboard>=2.15",  # event files only (no TensorFlow): fdh_jax/summaries.py
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "faiss-cpu>=1.8"],
+        "test": ["pytest>=8", "ruff>=0.6", "faiss-cpu>=1.8", "huggingface_hub>=0.20"],
         # TensorFlow is only needed to *build* TFDS datasets, never at run time.
         "tfds-build": ["tensorflow"],
+        # `--config.model.pretrained=hf://...` (the dataset configs' default ImageNet ResNet-50).
+        "hf": ["huggingface_hub>=0.20"],
     },
 )

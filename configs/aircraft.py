@@ -7,8 +7,8 @@ Default ROOT: `~/data/fgvc-aircraft-2013b`.
 Root: `fgvc-aircraft-2013b/` (or its `data/`); the 20-pixel copyright banner is cropped; see
 `fdh_jax/data/sources/aircraft.py`.
 
-Protocol (docs/design.md, "Evaluation protocol"): ResNet-50, randomly initialised unless
-`--config.model.pretrained=PATH` gives ImageNet weights (the published numbers use them),
+Protocol (docs/design.md, "Evaluation protocol"): ResNet-50 from ImageNet weights
+(`hf://timm/resnet50.tv_in1k`, or `--config.model.pretrained=FILE`) at 0.1x the learning rate,
 random-resized crop 224 + flip for training, resize 256 + centre crop 224 for evaluation;
 database = the official trainval split, query = the official test split.
 """

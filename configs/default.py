@@ -41,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = model = ml_collections.ConfigDict()
     model.backbone = "resnet50"  # resnet18|resnet34|resnet50|resnet101|mobilenet_v2|resnet_narrow
     model.width = 64  # stem width of the ResNet (64 for the standard ones)
-    model.pretrained = ""  # path to backbone weights (.safetensors / .tflite); "" = random init
+    model.pretrained = ""  # weights: .safetensors/.tflite path or hf://ORG/MODEL; "" = random
     model.freeze_backbone = False  # train only suppression, MFE and heads
     model.stages = ("C3", "C4", "C5")  # backbone stages that feed the multi-level graph
     model.use_suppression = True  # background suppression mask (ablation: False)

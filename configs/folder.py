@@ -7,8 +7,8 @@ Layout: `DIR/images/<class>/<file>` or `DIR/<class>/<file>`; `DIR/split.csv` (`p
 if present, else a per-class split seeded by `config.seed` holding out `data.test_fraction`;
 see `fdh_jax/data/sources/folder.py`.
 
-Protocol (docs/design.md, "Evaluation protocol"): ResNet-50, randomly initialised unless
-`--config.model.pretrained=PATH` gives ImageNet weights (the published numbers use them),
+Protocol (docs/design.md, "Evaluation protocol"): ResNet-50 from ImageNet weights
+(`hf://timm/resnet50.tv_in1k`, or `--config.model.pretrained=FILE`) at 0.1x the learning rate,
 random-resized crop 224 + flip for training, resize 256 + centre crop 224 for evaluation;
 database = the train split, query = the test split.
 """

@@ -22,6 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """`configs/folder.py` with a frozen pretrained MobileNetV2; `arg` = dataset root."""
     config = load_config(Path(__file__).with_name("folder.py"), arg)
     config.model.backbone = "mobilenet_v2"
+    config.model.pretrained = ""  # not folder.py's ResNet-50: give the .tflite file
     config.model.freeze_backbone = True  # needs --config.model.pretrained=FILE (.tflite)
     config.train.optimizer = "adamw"
     config.train.learning_rate = 1e-3

@@ -7,8 +7,8 @@ Default ROOT: `~/data/vegfru`.
 Root: the folder holding `vegfru_list/`, `veg200_images/` and `fru92_images/`; see
 `fdh_jax/data/sources/vegfru.py`.
 
-Protocol (docs/design.md, "Evaluation protocol"): ResNet-50, randomly initialised unless
-`--config.model.pretrained=PATH` gives ImageNet weights (the published numbers use them),
+Protocol (docs/design.md, "Evaluation protocol"): ResNet-50 from ImageNet weights
+(`hf://timm/resnet50.tv_in1k`, or `--config.model.pretrained=FILE`) at 0.1x the learning rate,
 random-resized crop 224 + flip for training, resize 256 + centre crop 224 for evaluation;
 database = `vegfru_train.txt`, query = `vegfru_test.txt`.
 """

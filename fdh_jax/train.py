@@ -105,10 +105,12 @@ def create_train_state(
     tx: optax.GradientTransformation,
     mesh,
     calibration_images: np.ndarray | None = None,
+    load_pretrained: bool = True,
 ) -> TrainState:
     """Initialises the replicated train state from `config.seed` (jitted: created on device).
 
-    With `config.model.pretrained`, the backbone's variables are replaced by the weights file's.
+    With `config.model.pretrained` (and `load_pretrained`: a run about to restore a checkpoint
+    skips it), the backbone's variables are replaced by the weights file's.
     A MobileNetV2 from TFLite has BatchNorm folded into its convs; when it is trained, its norms
     get real statistics from `calibration_images` (`[N, S, S, 3]`, normalised) first, so that
     fine-tuning starts from the pretrained function.
@@ -127,7 +129,7 @@ def create_train_state(
         )
 
     state = jax.jit(init, out_shardings=parallel.replicated(mesh))()
-    if config.model.pretrained:
+    if config.model.pretrained and load_pretrained:
         state = _with_pretrained_backbone(config, state, tx, calibration_images)
         state = jax.device_put(state, parallel.replicated(mesh))
     return state
@@ -342,6 +344,14 @@ def prepare_run(
     report a bad image when they meet it).
     """
     validate_config(config, jax.device_count())
+    # A run with checkpoints takes every weight from them: the weights file is needed (and
+    # checked, before the data is read: a missing file or download fails in seconds) only for
+    # a run that starts from scratch.
+    weights = "" if inference.checkpoint_steps(workdir) else config.model.pretrained
+    if weights:
+        from fdh_jax.models import pretrained  # noqa: PLC0415 - only runs that load weights
+
+        pretrained.resolve_weights_path(weights)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
     mesh = parallel.make_mesh()
@@ -350,7 +360,7 @@ def prepare_run(
     total_steps = total_train_steps(config, len(database))
     model = build_model(config, database.num_classes)
     calibration = None
-    if config.model.pretrained:  # the first training images, in index order: deterministic
+    if weights:  # the first training images, in index order: deterministic
         calibration = np.stack(
             [
                 eval_transform(
@@ -360,7 +370,7 @@ def prepare_run(
             ]
         )
     state = create_train_state(
-        config, model, make_optimizer(config, total_steps), mesh, calibration
+        config, model, make_optimizer(config, total_steps), mesh, calibration, bool(weights)
     )
     manager, state, progress, restored = checkpointing.restore_latest_intact(workdir, config, state)
     if restored is not None:

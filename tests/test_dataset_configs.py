@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +45,9 @@ def test_dataset_config_sets_dataset_and_protocol(stem):
     assert config.data.name == stem and stem in SOURCE_MODULES
     assert (config.data.image_size, config.data.eval_resize) == (224, 256)
     assert (config.model.backbone, config.model.width) == ("resnet50", 64)
+    # The published protocol: ImageNet weights by name, the backbone at a tenth of the rate.
+    assert config.model.pretrained == "hf://timm/resnet50.tv_in1k"
+    assert config.train.backbone_lr_multiplier == 0.1
     assert flat_keys(config) == flat_keys(default)  # overrides only, no new fields
     if stem == "folder":
         assert config.data.root == ""
@@ -68,3 +75,37 @@ def test_folder_config_without_root_fails_clearly():
     config = load_config_module("folder").get_config()
     with pytest.raises(ValueError, match="--config.data.root"):
         make_source(config.data.name, config.data.root, "train")
+
+
+def test_cli_without_network_or_cached_weights_fails_in_one_line(tmp_path):
+    """configs/cub.py names its ImageNet weights; offline and uncached, the run stops at once
+    (before reading the data) with one line naming them and how to pass a file instead."""
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",  # what an offline machine sets; the code never waits on the network
+        HF_HOME=str(tmp_path / "hf"),  # an empty Hugging Face cache
+        JAX_PLATFORMS="cpu",
+    )
+    start = time.perf_counter()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fdh_jax.main",
+            "--config=configs/cub.py",
+            f"--workdir={tmp_path / 'w'}",
+            f"--config.data.root={tmp_path / 'no_such_cub'}",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert lines[0].startswith("fdh_jax: error: hf://timm/resnet50.tv_in1k:")
+    assert "--config.model.pretrained=FILE" in lines[0]
+    assert elapsed < 60  # imports included; no retry loop

@@ -29,6 +29,7 @@ def frozen_config(root: Path, cache: Path, steps: int = 4):
     config.data.feature_cache = str(cache)
     config.data.cached_views = VIEWS
     config.model.backbone = "resnet_narrow"
+    config.model.pretrained = ""  # folder.py's default is ImageNet ResNet-50
     config.model.width = 8
     config.model.freeze_backbone = True
     shrink(config, steps)

@@ -356,6 +356,7 @@ def test_cli_error_lists_both_splits_exit_2_no_traceback(tmp_path, bomb_png):
             "--config=configs/folder.py",
             f"--workdir={tmp_path / 'w'}",
             f"--config.data.root={root}",
+            "--config.model.pretrained=",
         ],
         cwd=REPO,
         env=env,

@@ -139,19 +139,26 @@ def resolve_weights_path(path: str) -> Path:
         return _require_file(path)
     repo_id = path[len(HF_PREFIX) :].strip("/")
     how_to = (
-        f"download https://huggingface.co/{repo_id}/resolve/main/model.safetensors on a machine "
-        "with network access and pass the local file to --config.model.pretrained"
+        f"download https://huggingface.co/{repo_id}/resolve/main/model.safetensors where there "
+        "is network and pass it as --config.model.pretrained=FILE (or "
+        "--config.model.pretrained='' to start from random weights)"
     )
     try:
         import huggingface_hub
     except ImportError as error:
-        raise FileNotFoundError(f"{path}: huggingface_hub is not installed; {how_to}") from error
+        raise FileNotFoundError(
+            f"{path}: huggingface_hub is not installed (pip install 'fdh_jax[hf]'); {how_to}"
+        ) from error
     try:
         return Path(
             huggingface_hub.hf_hub_download(repo_id, "model.safetensors", local_files_only=True)
         )
     except Exception:  # not cached (the exception type differs between hub versions)
         pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise FileNotFoundError(
+            f"{path}: not in the Hugging Face cache and HF_HUB_OFFLINE is set; {how_to}"
+        )
     try:
         socket.create_connection(("huggingface.co", 443), timeout=HF_TIMEOUT_SECONDS).close()
     except OSError as error:
