@@ -36,6 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     syn.train_per_class = 48  # database images per class
     syn.test_per_class = 24  # query images per class
     syn.image_size = 64  # rendered image size (pixels)
+    # True: every database image of a class shows that class's own background colours, queries
+    # random ones (a spurious cue that only the database carries; benchmarks/spurious_background.py)
+    syn.class_backgrounds = False
 
     # ---------------------------------------------------------------- model
     config.model = model = ml_collections.ConfigDict()

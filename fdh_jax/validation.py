@@ -109,6 +109,7 @@ FIELD_RULES: tuple[tuple[str, Callable, str], ...] = (
     ("data.synthetic.num_classes", lambda v: _integer(v) and v >= 2, "an integer >= 2"),
     ("data.synthetic.train_per_class", _positive_integer, "a positive integer"),
     ("data.synthetic.test_per_class", _positive_integer, "a positive integer"),
+    ("data.synthetic.class_backgrounds", _flag, "True or False"),
     (
         "model.backbone",
         _one_of(BACKBONES),

@@ -45,6 +45,7 @@ def load_splits(
                 test_per_class=syn.test_per_class,
                 image_size=syn.image_size,
                 seed=config.seed,
+                class_backgrounds=syn.class_backgrounds,
             )
             for split in splits
         }

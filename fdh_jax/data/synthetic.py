@@ -29,12 +29,33 @@ _CLUTTER_PALETTE = np.concatenate(
 ).astype(np.float32)
 
 
-def render_bird(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """One `[size, size, 3]` uint8 image of class `label`, randomised by `rng`."""
+def class_background(label: int, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """The typical background of class `label` in a `class_backgrounds` database split: the
+    two gradient colours and the gradient's angle, fixed by `(seed, label)`."""
+    rng = np.random.default_rng([seed, 7, label])
+    c0, c1 = rng.uniform(0.15, 0.85, size=(2, 3)).astype(np.float32)
+    return c0, c1, float(rng.uniform(0, 2 * np.pi))
+
+
+def render_bird(
+    label: int,
+    size: int,
+    rng: np.random.Generator,
+    background: tuple[np.ndarray, np.ndarray, float] | None = None,
+) -> np.ndarray:
+    """One `[size, size, 3]` uint8 image of class `label`, randomised by `rng`.
+
+    `background`: the gradient's two colours and angle (`class_background`), jittered slightly
+    per image; None draws them at random, so they say nothing about the class.
+    """
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    # Background: a random two-colour gradient, then clutter.
+    # Background: a two-colour gradient, then clutter.
     c0, c1 = rng.uniform(0.15, 0.85, size=(2, 3)).astype(np.float32)
     angle = rng.uniform(0, 2 * np.pi)
+    if background is not None:  # the class's colours (the draws above keep the stream aligned)
+        jitter = rng.uniform(-0.05, 0.05, size=(2, 3)).astype(np.float32)
+        c0, c1 = background[0] + jitter[0], background[1] + jitter[1]
+        angle = background[2] + rng.uniform(-0.3, 0.3)
     ramp = ((xx * np.cos(angle) + yy * np.sin(angle)) / size + 1.0) / 2.0
     image = c0 + (c1 - c0) * np.clip(ramp, 0, 1)[..., None]
     for _ in range(rng.integers(6, 12)):
@@ -88,6 +109,9 @@ def render_bird(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
 class SyntheticFineGrained:
     """The synthetic set as a data source (`len`, indexing, `labels`, `paths`, ...).
 
+    With `class_backgrounds` the train (database) split shows each class over its own typical
+    background (`class_background`), while the test (query) split keeps random backgrounds: a
+    spurious correlation that a model reading the background learns and queries then break.
     Images are rendered once, at construction, into memory. Image `i` of split `split` is
     rendered from the random stream `(seed, split id, i)`, so the set is the same on every
     machine and in every process.
@@ -102,6 +126,7 @@ class SyntheticFineGrained:
         test_per_class: int = 24,
         image_size: int = 64,
         seed: int = 0,
+        class_backgrounds: bool = False,
     ):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -119,9 +144,16 @@ class SyntheticFineGrained:
         self.labels = np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
         self.paths = [f"synthetic/{split}/{i:05d}" for i in range(len(self.labels))]
         split_id = 0 if split == "train" else 1
+        # With class backgrounds only the database split (train) carries the spurious cue.
+        typical = class_backgrounds and split == "train"
         self.images = np.stack(
             [
-                render_bird(int(label), image_size, np.random.default_rng([seed, split_id, i]))
+                render_bird(
+                    int(label),
+                    image_size,
+                    np.random.default_rng([seed, split_id, i]),
+                    class_background(int(label), seed) if typical else None,
+                )
                 for i, label in enumerate(self.labels)
             ]
         )
