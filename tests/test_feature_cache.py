@@ -200,3 +200,19 @@ def test_resumed_cached_run_matches_an_uninterrupted_one(dataset, tmp_path):
     ]
     for step, loss in losses[1].items():
         assert loss == pytest.approx(losses[0][step], rel=1e-6)
+
+
+def test_cache_keys_ignore_how_the_root_is_spelled(tmp_path, monkeypatch):
+    """`../data/x/a.jpg` and `/abs/data/x/a.jpg` are the same file: same key (feature cache and
+    image scan), while touching the file changes it."""
+    from fdh_jax.data.image_scan import files_digest
+
+    (tmp_path / "data").mkdir()
+    image = tmp_path / "data" / "a.jpg"
+    image.write_bytes(b"not decoded here")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    before = files_digest([str(image)])
+    assert files_digest(["../data/a.jpg"]) == before
+    os.utime(image, (1, 1))
+    assert files_digest(["../data/a.jpg"]) != before

@@ -112,11 +112,14 @@ def scan_key(source: Any) -> str | None:
 
 
 def files_digest(paths: Sequence[str]) -> str:
-    """SHA-256 (hex) over each file's path and state (size, mtime, mode, or why stat failed), in
-    order: changes when any file is touched, rewritten, renamed, chmod-ed or removed."""
+    """SHA-256 (hex) over each file's absolute path and state (size, mtime, mode, or why stat
+    failed), in order: changes when any file is touched, rewritten, renamed, chmod-ed or removed,
+    but not with the spelling of the dataset root (`../data/x` and `/work/data/x` share caches)."""
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(json.dumps([path, _file_state(path)]).encode("utf-8") + b"\n")
+        digest.update(
+            json.dumps([os.path.abspath(path), _file_state(path)]).encode("utf-8") + b"\n"
+        )
     return digest.hexdigest()
 
 
