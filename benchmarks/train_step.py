@@ -56,6 +56,7 @@ def main() -> None:
     args = parser.parse_args()
 
     config = load_config(args.config)
+    config.model.pretrained = ""  # timing needs no weights (folder.py names ImageNet ResNet-50)
     for field, value in args.set:
         config.update_from_flattened_dict({field: value})
     config.data.root = config.data.root or "(not read: random batches)"
