@@ -429,18 +429,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         config, run.database, run.query, backbone_variables, run.mesh
     )
     train_inputs, validation = selection.validation_sources(config, database_inputs)
-    chosen = selection.Selection(config, run.progress)
+    tracker = selection.Selection(config, run.progress)
     train_seconds = float(run.progress["train_seconds"])
     state = run.state
     if start_step < run.total_steps:
-        state, seconds = _train(config, workdir, run, train_inputs, validation, chosen)
+        state, seconds = _train(config, workdir, run, train_inputs, validation, tracker)
         train_seconds += seconds
     else:
         report(f"Checkpoint at step {start_step} is final: evaluating without training.")
 
     selected = None
     if validation is not None:
-        selected = chosen.chosen(validation, int(state.step))
+        selected = tracker.chosen(validation, int(state.step))
         if selected["step"] != int(state.step):
             state, _ = checkpointing.restore_checkpoint(run.manager, state, selected["step"])
             report(f"Selected step {selected['step']} (best validation mAP).")
@@ -456,7 +456,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     return results
 
 
-def _train(config, workdir: Path, run: Run, train_inputs, validation, chosen) -> tuple:
+def _train(config, workdir: Path, run: Run, train_inputs, validation, tracker) -> tuple:
     """The training loop from the restored step to `run.total_steps`: update, log, validate,
     checkpoint; `(final state, seconds spent)`. Seals every checkpoint it leaves behind."""
     start_step, total_steps = int(run.state.step), run.total_steps
@@ -486,7 +486,7 @@ def _train(config, workdir: Path, run: Run, train_inputs, validation, chosen) ->
                 throughput.stepped()
                 if step % config.train.log_every == 0 or step == total_steps:
                     _log_step(step, total_steps, measurements, throughput, writer)
-                scores = _validate_if_due(config, run, step, state, validation, chosen, writer)
+                scores = _validate_if_due(config, run, step, state, validation, tracker, writer)
                 preempted = notice.reached(run.manager, step)
                 if _checkpoint_due(config, step, total_steps, preempted, scores is not None):
                     elapsed = float(run.progress["train_seconds"]) + time.perf_counter() - started
@@ -495,7 +495,7 @@ def _train(config, workdir: Path, run: Run, train_inputs, validation, chosen) ->
                         if scores is None
                         else {checkpointing.VALIDATION_METRIC: scores["mean"]}
                     )
-                    progress = {"train_seconds": elapsed} | chosen.progress()
+                    progress = {"train_seconds": elapsed} | tracker.progress()
                     checkpointing.save_checkpoint(run.manager, step, state, progress, metrics)
                     checkpointing.seal_checkpoints(checkpoints)  # the earlier ones
                 if preempted and step < total_steps:
@@ -511,14 +511,16 @@ def _train(config, workdir: Path, run: Run, train_inputs, validation, chosen) ->
     return state, time.perf_counter() - started
 
 
-def _validate_if_due(config, run: Run, step: int, state, validation, chosen, writer) -> dict | None:
+def _validate_if_due(
+    config, run: Run, step: int, state, validation, tracker, writer
+) -> dict | None:
     """Validation scores at `step` (every `eval.every` steps and at the last one), recorded in
-    `chosen` and logged; None when no validation is due."""
+    `tracker` and logged; None when no validation is due."""
     due = step == run.total_steps or (config.eval.every > 0 and step % config.eval.every == 0)
     if validation is None or not due:
         return None
     scores = selection.validation_scores(run.model, state, validation, config, run.mesh)
-    chosen.record(step, scores)
+    tracker.record(step, scores)
     _log_validation(step, run.total_steps, scores, writer)
     return scores
 
