@@ -1,23 +1,24 @@
 """Retrieval among classes never seen in training: cub100 split by species, 50 / 50.
 
-  python benchmarks/unseen_classes.py                  # build the split, print the commands
-  python benchmarks/unseen_classes.py --run            # and train, evaluate and run baselines
+  python benchmarks/unseen_classes.py                       # build the split, print the commands
+  python benchmarks/unseen_classes.py --run --seeds=0,1,2   # and train, evaluate, run baselines
+  python benchmarks/unseen_classes.py --run -- --config.loss.neighbourhood_weight=0  # + flags
 
 The species of a folder dataset (default: cub100) are sorted by name; the first `--seen` form
 the *seen* dataset, the others the *unseen* one. Both are folder datasets under `--out` made of
 symbolic links to the original files (nothing is copied), each with a `split.csv` that keeps
 the original train (database) / test (query) split of every image.
 
-With `--run` it then:
-1. trains the README's real-photo recipe on the seen species (`python -m fdh_jax.main`, the
-   recipe's flags, `--workdir=OUT/workdir`);
+With `--run` it then, for each seed:
+1. trains the README's real-photo recipe (`configs/frozen_mobilenet_v2.py`, plus any flags given
+   after `--`) on the seen species, `--workdir=OUT/workdir_seed<s>` (a finished seed is reused);
 2. scores that model on the unseen species with `--mode=eval --eval_data=OUT/unseen`: the
    unseen database is hashed and ranked for the unseen queries;
-3. fits the linear baselines of `feature_baselines.py` on pooled C5 features of the same frozen
-   backbone: PCA-ITQ and LDA-ITQ fitted on the *seen* database and applied to the unseen
-   species (the same information as the model had), and PCA-ITQ fitted on the unseen database
-   itself (unsupervised, so it may see the collection it indexes);
-and prints one table of mAP@all x100.
+and fits the linear baselines of `feature_baselines.py` on pooled C5 features of the same frozen
+backbone: PCA-ITQ and LDA-ITQ fitted on the *seen* database and applied to the unseen species
+(the same information as the model had), and PCA-ITQ fitted on the unseen database itself
+(unsupervised, so it may see the collection it indexes). It prints one table of mAP@all x100,
+the model's row as mean +- std over the seeds.
 """
 
 import argparse
@@ -31,20 +32,15 @@ from pathlib import Path
 
 import numpy as np
 from feature_baselines import SHARED, cached_features, hash_codes
+from seeds import _row
 
 from fdh_jax.data.sources import make_source
 from fdh_jax.metrics import mean_average_precision
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = [  # the README's real-photo command, less --workdir and --config.data.root
-    "--config=configs/folder.py",
-    "--config.model.backbone=mobilenet_v2",
+    "--config=configs/frozen_mobilenet_v2.py",
     f"--config.model.pretrained={SHARED / 'weights' / 'mobilenet_v2_1.0_224_ptq.tflite'}",
-    "--config.model.freeze_backbone=True",
-    "--config.train.optimizer=adamw",
-    "--config.train.learning_rate=1e-3",
-    "--config.train.num_steps=400",
-    "--config.train.warmup_steps=40",
 ]
 
 
@@ -115,45 +111,64 @@ def baselines(seen: Path, unseen: Path, bits: list[int], cache_dir: str) -> dict
     return table
 
 
+def _train_and_score(seen: Path, unseen: Path, workdir: Path, seed: int, flags: list[str]):
+    """Trains one seed on the seen species (unless done) and scores it on the unseen ones;
+    returns `(seen results, unseen results)` as read from the two results.json files."""
+    unseen_file = workdir / "eval" / "unseen" / "results.json"
+    if not unseen_file.is_file():
+        if not (workdir / "results.json").is_file():
+            _main(
+                *RECIPE,
+                *flags,
+                f"--config.seed={seed}",
+                f"--workdir={workdir}",
+                f"--config.data.root={seen}",
+            )
+        _main(f"--workdir={workdir}", "--mode=eval", f"--eval_data={unseen}")
+    return (
+        json.loads((workdir / "results.json").read_text()),
+        json.loads(unseen_file.read_text()),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(SHARED / "data" / "cub100"))
     parser.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "cub100_by_species"))
     parser.add_argument("--seen", type=int, default=50, help="species used for training")
     parser.add_argument("--run", action="store_true", help="train, evaluate and run baselines")
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
     parser.add_argument(
         "--cache_dir", default=str(Path(tempfile.gettempdir()) / "fdh_feature_cache")
     )
+    parser.add_argument("flags", nargs=argparse.REMAINDER, help="-- then extra fdh_jax.main flags")
     args = parser.parse_args()
+    flags = [a for a in args.flags if a != "--"]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     out = Path(args.out)
     seen, unseen = split_by_species(Path(args.data), out, args.seen)
-    workdir = out / "workdir"
-    train = [*RECIPE, f"--workdir={workdir}", f"--config.data.root={seen}"]
-    evaluate = [f"--workdir={workdir}", "--mode=eval", f"--eval_data={unseen}"]
     if not args.run:
+        workdir = out / f"workdir_seed{seeds[0]}"
+        train = [*RECIPE, *flags, f"--workdir={workdir}", f"--config.data.root={seen}"]
         print("python -m fdh_jax.main " + " ".join(train))
-        print("python -m fdh_jax.main " + " ".join(evaluate))
+        print(f"python -m fdh_jax.main --workdir={workdir} --mode=eval --eval_data={unseen}")
         return
     start = time.perf_counter()
-    _main(*train)
-    _main(*evaluate)
-    seen_results = json.loads((workdir / "results.json").read_text())
-    unseen_results = json.loads((workdir / "eval" / "unseen" / "results.json").read_text())
-    bits = [int(k) for k in unseen_results["bits"]]
-    table = baselines(seen, unseen, bits, args.cache_dir)
-    table |= {
-        ("FDH-MFE trained on the seen species", k): 100 * unseen_results["mAP"][str(k)]
-        for k in bits
-    }
+    runs = [_train_and_score(seen, unseen, out / f"workdir_seed{s}", s, flags) for s in seeds]
+    unseen_results = runs[0][1]
+    bits = [str(k) for k in unseen_results["bits"]]
+    table = baselines(seen, unseen, [int(k) for k in bits], args.cache_dir)
     print(
         f"\nUnseen species ({unseen_results['num_query']} queries, "
         f"{unseen_results['num_database']} database images), mAP@all x100"
     )
-    print(f"{'method':<42}" + "".join(f"{f'{k} bits':>9}" for k in bits))
+    print("| method | " + " | ".join(f"{k} bits" for k in bits) + " |")
+    print("|---|" + "---|" * len(bits))
     for label in dict.fromkeys(key for key, _ in table):
-        print(f"{label:<42}" + "".join(f"{table[label, k]:>9.2f}" for k in bits))
-    seen_map = " / ".join(f"{100 * seen_results['mAP'][str(k)]:.2f}" for k in bits)
-    print(f"(the model on its own seen species' query split: {seen_map})")
+        print(f"| {label} | " + " | ".join(f"{table[label, int(k)]:.2f}" for k in bits) + " |")
+    name = f"FDH-MFE trained on the seen species, seeds {args.seeds}"
+    print(_row(name, [r["mAP"] for _, r in runs], bits))
+    print(_row("(the same models on the seen species' queries)", [r["mAP"] for r, _ in runs], bits))
     print(f"total {time.perf_counter() - start:.0f} s")
 
 
