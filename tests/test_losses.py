@@ -141,3 +141,43 @@ def test_total_loss_switches(tiny):
     tiny.loss.use_proxy = False
     _, parts = losses.total_loss(outputs, labels, tiny.loss)
     assert not any(k.startswith(("proxy", "triplet", "uniformity")) for k in parts)
+
+
+def test_neighbourhood_loss_matches_numpy_loop(batch):
+    h = batch[0]
+    teacher = np.abs(np.random.default_rng(3).normal(size=(8, 5))).astype(np.float32)
+    temperature = 0.3
+    t = _normalize(teacher - teacher.mean(0))
+    c = _normalize(h.astype(np.float64))
+    expected = []
+    for i in range(8):
+        others = [j for j in range(8) if j != i]
+        log_p = _log_softmax(np.array([t[i] @ t[j] for j in others]) / temperature)
+        log_q = _log_softmax(np.array([c[i] @ c[j] for j in others]) / temperature)
+        expected.append(np.sum(np.exp(log_p) * (log_p - log_q)))
+    got = losses.neighbourhood_loss(h, teacher, temperature=temperature)
+    np.testing.assert_allclose(got, np.mean(expected), rtol=1e-5, atol=1e-7)
+
+
+def test_neighbourhood_loss_is_zero_for_the_teachers_own_geometry():
+    # Codes whose cosines equal the centred teacher's give KL = 0; scrambling them does not.
+    rng = np.random.default_rng(4)
+    teacher = rng.normal(size=(6, 4)).astype(np.float32)
+    codes = teacher - teacher.mean(0)
+    assert float(losses.neighbourhood_loss(codes, teacher)) == pytest.approx(0.0, abs=1e-5)
+    assert float(losses.neighbourhood_loss(codes[::-1], teacher)) > 0.1
+
+
+def test_total_loss_adds_neighbourhood_terms_only_when_weighted(tiny):
+    rng = np.random.default_rng(5)
+    outputs = {
+        "hash": {"8": np.tanh(rng.normal(size=(4, 8))).astype(np.float32)},
+        "teacher": rng.normal(size=(4, 3)).astype(np.float32),
+    }
+    labels = np.array([0, 0, 1, 1])
+    tiny.loss.use_proxy = tiny.loss.use_triplet = False
+    assert "neighbourhood_8" not in losses.total_loss(outputs, labels, tiny.loss)[1]
+    tiny.loss.neighbourhood_weight = 2.0
+    _, parts = losses.total_loss(outputs, labels, tiny.loss)
+    expected = 2.0 * losses.neighbourhood_loss(outputs["hash"]["8"], outputs["teacher"])
+    np.testing.assert_allclose(parts["neighbourhood_8"], expected, rtol=1e-6)
