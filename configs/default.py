@@ -72,9 +72,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     loss.triplet_weight = 1.0  # w_tri
     loss.triplet_margin = 0.25  # alpha, on L2-normalised codes
     loss.quantization_weight = 0.1  # w_q: mean((|h| - 1)^2)
-    # w_nb: keep the backbone's pooled-C5 neighbourhoods in the codes (losses.neighbourhood_loss)
-    loss.neighbourhood_weight = 0.0
-    loss.neighbourhood_temperature = 0.1  # T of its two softmaxes
     loss.classification_weight = 0.5  # w_cls (used when model.use_classifier)
     loss.label_smoothing = 0.1  # classification label smoothing
 

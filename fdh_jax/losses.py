@@ -1,8 +1,8 @@
 """The FDH-MFE losses, each a pure function of arrays (docs/design.md, "Losses").
 
-Per code length `K`: proxy loss + bit balance + quantisation + background-aware triplet loss
-(+ the optional neighbourhood distillation from the frozen backbone); once: classification and
-proxy uniformity. `total_loss` combines them as configured and returns the parts for logging.
+Per code length `K`: proxy loss + bit balance + quantisation + background-aware triplet loss;
+once: classification and proxy uniformity. `total_loss` combines them as configured and returns
+the parts for logging.
 """
 
 import jax
@@ -116,39 +116,6 @@ def triplet_loss(
     return loss
 
 
-def neighbourhood_loss(
-    hash_values: jnp.ndarray, teacher: jnp.ndarray, *, temperature: float = 0.1
-) -> jnp.ndarray:
-    """Keeps the frozen backbone's neighbourhoods in the codes: a relational distillation.
-
-    For each image `i` of the batch, the distribution of its neighbours `j != i` under the
-    teacher, `softmax_j(cos(t_i, t_j) / T)`, and under the codes, `softmax_j(cos(h_i, h_j) / T)`;
-    the loss is the mean over `i` of `KL(teacher || codes)`. The teacher features are centred
-    by their batch mean before the cosine (pooled ReLU maps all point into one orthant, where
-    every cosine is near 1). Only the order and spacing of neighbours is asked for, not the
-    cosine values themselves, so it leaves the proxy loss free to pull a class together; what
-    it adds is the teacher's structure *within and between* classes, which is what codes of
-    classes never seen in training are made of (docs/design.md, "Losses").
-
-    Args:
-      hash_values: `[B, K]` continuous codes.
-      teacher: `[B, D]` features of the same crops (gradients are not taken through them).
-      temperature: `T` of both softmaxes.
-    """
-    teacher = jax.lax.stop_gradient(teacher)
-    teacher = l2_normalize(teacher - jnp.mean(teacher, axis=0, keepdims=True), _EPS)
-    codes = l2_normalize(hash_values, _EPS)
-    others = ~jnp.eye(hash_values.shape[0], dtype=bool)
-    teacher_logp = jax.nn.log_softmax(
-        jnp.where(others, teacher @ teacher.T / temperature, -jnp.inf), axis=1
-    )
-    codes_logp = jax.nn.log_softmax(
-        jnp.where(others, codes @ codes.T / temperature, -jnp.inf), axis=1
-    )
-    kl = jnp.where(others, jnp.exp(teacher_logp) * (teacher_logp - codes_logp), 0.0)
-    return jnp.mean(jnp.sum(kl, axis=1))
-
-
 def classification_loss(logits: jnp.ndarray, labels: jnp.ndarray, *, smoothing: float = 0.1):
     """Label-smoothed softmax cross-entropy, `logits: [B, C]`, `labels: [B]`."""
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
@@ -158,8 +125,7 @@ def classification_loss(logits: jnp.ndarray, labels: jnp.ndarray, *, smoothing: 
 def total_loss(
     outputs: dict, labels: jnp.ndarray, config: ml_collections.ConfigDict
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-    """`L = sum_K [L_proxy + w_tri L_tri + w_q L_q + w_bal L_bal + w_nb L_nb] + w_cls L_cls
-    + w_uni L_uni`.
+    """`L = sum_K [L_proxy + w_tri L_tri + w_q L_q + w_bal L_bal] + w_cls L_cls + w_uni L_uni`.
 
     Args:
       outputs: the dict returned by `FDHMFE.__call__`.
@@ -189,10 +155,6 @@ def total_loss(
             )
         parts[f"quantization_{k}"] = config.quantization_weight * quantization_loss(h)
         parts[f"balance_{k}"] = config.balance_weight * bit_balance_loss(h)
-        if config.neighbourhood_weight and "teacher" in outputs:
-            parts[f"neighbourhood_{k}"] = config.neighbourhood_weight * neighbourhood_loss(
-                h, outputs["teacher"], temperature=config.neighbourhood_temperature
-            )
     if config.use_proxy and config.uniformity_weight:
         parts["uniformity"] = config.uniformity_weight * sum(
             proxy_uniformity(p, t=config.uniformity_t) for p in proxies.values()

@@ -145,8 +145,6 @@ FIELD_RULES: tuple[tuple[str, Callable, str], ...] = (
     ("loss.use_triplet", _flag, "True or False"),
     ("loss.triplet_weight", _at_least(0), ">= 0"),
     ("loss.triplet_margin", _at_least(0), ">= 0"),
-    ("loss.neighbourhood_weight", _at_least(0), ">= 0"),
-    ("loss.neighbourhood_temperature", _positive, "positive"),
     ("loss.classification_weight", _at_least(0), ">= 0"),
     ("loss.label_smoothing", _between(0, 1, open_high=True), "in [0, 1)"),
     ("train.batch_size", _positive_integer, "a positive integer"),

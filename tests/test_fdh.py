@@ -81,23 +81,3 @@ def test_incomplete_stage_maps_name_what_is_missing():
     maps = {"C4": jnp.zeros((1, 4, 4, 16)), "C5": jnp.zeros((1, 2, 2, 32))}
     with pytest.raises(ValueError, match=r"lack C3: the model uses C3, C4, C5 .*got C4, C5"):
         model.init(jax.random.key(0), maps)
-
-
-def test_training_outputs_carry_the_pooled_c5_teacher():
-    # The neighbourhood loss's teacher is the backbone's C5 averaged over space, in training only.
-    model = _tiny(freeze_backbone=True)
-    images = _images(2)
-    variables = model.init(jax.random.key(2), images)
-    backbone = get_backbone("resnet_narrow", width=8)
-    stage_maps = backbone.apply(
-        {
-            "params": variables["params"]["backbone"],
-            "batch_stats": variables["batch_stats"]["backbone"],
-        },
-        images,
-        False,
-    )
-    outputs, _ = model.apply(variables, stage_maps, train=True, mutable=["batch_stats"])
-    c5 = np.asarray(stage_maps["C5"], np.float64)
-    np.testing.assert_allclose(outputs["teacher"], c5.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
-    assert "teacher" not in model.apply(variables, stage_maps)

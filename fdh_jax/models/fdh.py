@@ -30,8 +30,7 @@ class FDHMFE(nn.Module):
       `hash`: `{"K": [B, K] float32 in (-1, 1)}`; `hash_background`: same, in training
       with suppression only (the triplet loss's negatives; encoding skips that second pass);
       `class_logits`: `[B, C]` (with the classifier); `proxies`: `{"K": [C, K]}`
-      (with proxies); `mask`: `[B, h, w, 1]` (with suppression); `descriptor`: `[B, D]`;
-      `teacher`: `[B, C5 channels]`, the spatially pooled C5 (in training only).
+      (with proxies); `mask`: `[B, h, w, 1]` (with suppression); `descriptor`: `[B, D]`.
     """
 
     num_classes: int
@@ -73,10 +72,6 @@ class FDHMFE(nn.Module):
             stage_maps = jax.tree.map(jax.lax.stop_gradient, stage_maps)
         stage_maps = {name: stage_maps[name] for name in self.stages} | {"C5": stage_maps["C5"]}
         outputs = {}
-        if train:  # the pooled C5 the neighbourhood loss distils (losses.neighbourhood_loss)
-            outputs["teacher"] = jax.lax.stop_gradient(
-                jnp.mean(stage_maps["C5"].astype(jnp.float32), axis=(1, 2))
-            )
         mask = None
         if self.use_suppression:
             mask = background_mask(
