@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _row(name: str, values: list[dict], bits: list[str]) -> str:
+def markdown_row(name: str, values: list[dict], bits: list[str]) -> str:
     cells = []
     for k in bits:
         column = 100 * np.array([v[k] for v in values])
@@ -58,10 +58,10 @@ def main() -> None:
     print(f"\n{len(seeds)} seed(s) ({', '.join(map(str, seeds))}), mAP@all x100, mean +- std:")
     print("| split | " + " | ".join(f"{k} bits" for k in bits) + " |")
     print("|---|" + "---|" * len(bits))
-    print(_row("query (test)", [r["mAP"] for r in results], bits))
+    print(markdown_row("query (test)", [r["mAP"] for r in results], bits))
     selected = [r.get("selected") for r in results]
     if all(selected):
-        print(_row("validation (selected)", [s["validation_mAP"] for s in selected], bits))
+        print(markdown_row("validation (selected)", [s["validation_mAP"] for s in selected], bits))
         steps = ", ".join(str(s["step"]) for s in selected)
         print(f"selected steps: {steps} ({selected[0]['rule']})")
 

@@ -2,7 +2,7 @@
 
   python benchmarks/unseen_classes.py                       # build the split, print the commands
   python benchmarks/unseen_classes.py --run --seeds=0,1,2   # and train, evaluate, run baselines
-  python benchmarks/unseen_classes.py --run -- --config.loss.neighbourhood_weight=0  # + flags
+  python benchmarks/unseen_classes.py --run -- --config.train.num_steps=800  # + main flags
 
 The species of a folder dataset (default: cub100) are sorted by name; the first `--seen` form
 the *seen* dataset, the others the *unseen* one. Both are folder datasets under `--out` made of
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from feature_baselines import SHARED, cached_features, hash_codes
-from seeds import _row
+from seeds import markdown_row
 
 from fdh_jax.data.sources import make_source
 from fdh_jax.metrics import mean_average_precision
@@ -111,20 +111,23 @@ def baselines(seen: Path, unseen: Path, bits: list[int], cache_dir: str) -> dict
     return table
 
 
+def _commands(seen: Path, unseen: Path, workdir: Path, seed: int, flags: list[str]):
+    """The `fdh_jax.main` flags that train one seed on the seen species, and that score it on
+    the unseen ones."""
+    train = [*RECIPE, *flags, f"--config.seed={seed}", f"--workdir={workdir}"]
+    train.append(f"--config.data.root={seen}")
+    return train, [f"--workdir={workdir}", "--mode=eval", f"--eval_data={unseen}"]
+
+
 def _train_and_score(seen: Path, unseen: Path, workdir: Path, seed: int, flags: list[str]):
     """Trains one seed on the seen species (unless done) and scores it on the unseen ones;
     returns `(seen results, unseen results)` as read from the two results.json files."""
     unseen_file = workdir / "eval" / "unseen" / "results.json"
     if not unseen_file.is_file():
+        train, evaluate = _commands(seen, unseen, workdir, seed, flags)
         if not (workdir / "results.json").is_file():
-            _main(
-                *RECIPE,
-                *flags,
-                f"--config.seed={seed}",
-                f"--workdir={workdir}",
-                f"--config.data.root={seen}",
-            )
-        _main(f"--workdir={workdir}", "--mode=eval", f"--eval_data={unseen}")
+            _main(*train)
+        _main(*evaluate)
     return (
         json.loads((workdir / "results.json").read_text()),
         json.loads(unseen_file.read_text()),
@@ -144,14 +147,18 @@ def main() -> None:
     parser.add_argument("flags", nargs=argparse.REMAINDER, help="-- then extra fdh_jax.main flags")
     args = parser.parse_args()
     flags = [a for a in args.flags if a != "--"]
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    if not seeds:
+        parser.error("--seeds names no seed")
     out = Path(args.out)
     seen, unseen = split_by_species(Path(args.data), out, args.seen)
     if not args.run:
-        workdir = out / f"workdir_seed{seeds[0]}"
-        train = [*RECIPE, *flags, f"--workdir={workdir}", f"--config.data.root={seen}"]
-        print("python -m fdh_jax.main " + " ".join(train))
-        print(f"python -m fdh_jax.main --workdir={workdir} --mode=eval --eval_data={unseen}")
+        for seed in seeds:
+            for command in _commands(seen, unseen, out / f"workdir_seed{seed}", seed, flags):
+                print("python -m fdh_jax.main " + " ".join(command))
         return
     start = time.perf_counter()
     runs = [_train_and_score(seen, unseen, out / f"workdir_seed{s}", s, flags) for s in seeds]
@@ -167,8 +174,9 @@ def main() -> None:
     for label in dict.fromkeys(key for key, _ in table):
         print(f"| {label} | " + " | ".join(f"{table[label, int(k)]:.2f}" for k in bits) + " |")
     name = f"FDH-MFE trained on the seen species, seeds {args.seeds}"
-    print(_row(name, [r["mAP"] for _, r in runs], bits))
-    print(_row("(the same models on the seen species' queries)", [r["mAP"] for r, _ in runs], bits))
+    print(markdown_row(name, [r["mAP"] for _, r in runs], bits))
+    seen_name = "(the same models on the seen species' queries)"
+    print(markdown_row(seen_name, [r["mAP"] for r, _ in runs], bits))
     print(f"total {time.perf_counter() - start:.0f} s")
 
 
