@@ -103,6 +103,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # against the rest of it) to choose a checkpoint without looking at the query split.
     ev.validation_fraction = 0.0  # 0 = no validation split (train on the whole database split)
     ev.validation_seed = 0  # fixes which database images are held out (not the run's seed)
+    # images: a share of each class, scored against the training part | classes: a share of
+    # the classes, never trained on, half of each one's images querying the other half.
+    ev.validation_by = "images"
     ev.every = 0  # steps between validation scores (0 = at the last step only)
     ev.select = "last"  # last | best: the checkpoint scored and served (best validation mAP)
     return config

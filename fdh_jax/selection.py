@@ -1,8 +1,11 @@
 """Choosing the checkpoint to report without looking at the query split.
 
-With `eval.validation_fraction > 0` a seeded per-class share of the database split is held out
-(`fdh_jax.data.validation_split`); every `eval.every` steps and at the last step the held-out
-images query the rest of the database. `eval.select=last` reports the final checkpoint,
+With `eval.validation_fraction > 0` a seeded share of the database split is held out of training:
+of each class's images (`eval.validation_by=images`, `fdh_jax.data.validation_split`; the held-out
+images query the rest of the database) or whole classes (`classes`,
+`fdh_jax.data.class_validation_split`; half of each held-out class's images query the other
+half, retrieval among classes never trained on). It is scored every `eval.every` steps and at
+the last step. `eval.select=last` reports the final checkpoint,
 `eval.select=best` the one with the best mean validation mAP over the code lengths (ties: the
 later step; Orbax keeps it). `results.json` says which step was chosen and why
 (docs/design.md, "Contracts").
@@ -14,19 +17,32 @@ import ml_collections
 import numpy as np
 
 from fdh_jax import evaluate
-from fdh_jax.data import validation_split
+from fdh_jax.data import class_validation_split, validation_split
 from fdh_jax.data.decode import SubsetSource
 from fdh_jax.validation import ConfigError
 
 
 def validation_sources(config: ml_collections.ConfigDict, database: Any) -> tuple[Any, Any]:
     """`(training part, validation)` of the database inputs; `validation` is `(queries,
-    database)` for scoring (the held-out images against the training part), or None when
-    `eval.validation_fraction` is 0. The query split is never touched."""
-    fraction = config.eval.validation_fraction
+    database)` for scoring, or None when `eval.validation_fraction` is 0. By images the queries
+    are the held-out images and the database the training part; by classes both come from the
+    held-out classes. The query split is never touched."""
+    fraction, seed = config.eval.validation_fraction, config.eval.validation_seed
     if fraction <= 0:
         return database, None
-    train, held_out = validation_split(database.labels, fraction, config.eval.validation_seed)
+    if config.eval.validation_by == "classes":
+        train, queries, held_database = class_validation_split(database.labels, fraction, seed)
+        if queries.size == 0:
+            raise ConfigError(
+                "eval.validation_fraction",
+                f"{fraction} of the {np.unique(database.labels).size} classes holds out no class "
+                "with two or more images (at least one class stays for training): raise it",
+            )
+        return SubsetSource(database, train), (
+            SubsetSource(database, queries),
+            SubsetSource(database, held_database),
+        )
+    train, held_out = validation_split(database.labels, fraction, seed)
     if held_out.size == 0:
         raise ConfigError(
             "eval.validation_fraction",

@@ -19,6 +19,7 @@ OPTIMIZERS = ("sgd", "adamw")
 DTYPES = ("float32", "bfloat16")
 TIE_BREAKS = ("index", "expected", "semicon")
 SELECTIONS = ("last", "best")
+VALIDATION_BY = ("images", "classes")
 BAD_IMAGE_POLICIES = ("error", "skip")
 DATASETS = ("synthetic", *sorted(SOURCE_MODULES))
 
@@ -168,6 +169,7 @@ FIELD_RULES: tuple[tuple[str, Callable, str], ...] = (
     ("eval.precision_at_k", lambda v: all(map(_positive_integer, v)), "positive integers"),
     ("eval.validation_fraction", _between(0, 1, open_high=True), "in [0, 1)"),
     ("eval.validation_seed", _integer, "an integer"),
+    ("eval.validation_by", _one_of(VALIDATION_BY), f"one of {', '.join(VALIDATION_BY)}"),
     ("eval.every", lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: only at the end)"),
     ("eval.select", _one_of(SELECTIONS), f"one of {', '.join(SELECTIONS)}"),
 )

@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_config
 
 from fdh_jax import selection, train
-from fdh_jax.data import load_splits, validation_split
+from fdh_jax.data import class_validation_split, load_splits, validation_split
 from fdh_jax.inference import load_encoder
 
 
@@ -39,6 +39,55 @@ def test_validation_images_come_from_the_database_split_only():
     for i in range(len(queries)):
         held = queries[i]["image"]
         assert not any(np.array_equal(held, splits["test"][j]["image"]) for j in range(12))
+
+
+def test_class_validation_holds_out_whole_classes_half_query_half_database():
+    labels = np.repeat(np.arange(10), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+    train_part, queries, database = class_validation_split(labels, 0.3, seed=5)
+    parts = np.concatenate([train_part, queries, database])
+    np.testing.assert_array_equal(np.sort(parts), np.arange(labels.size))  # a partition
+    held = set(labels[np.concatenate([queries, database])])
+    assert len(held) == 3 and held.isdisjoint(labels[train_part])  # round(0.3 * 10) classes
+    assert set(labels[train_part]) == set(range(10)) - held
+    for label in held:  # n // 2 of each held-out class query the other n - n // 2
+        n = np.sum(labels == label)
+        assert np.sum(labels[queries] == label) == n // 2
+        assert np.sum(labels[database] == label) == n - n // 2
+    again = class_validation_split(labels, 0.3, seed=5)
+    for a, b in zip(again, (train_part, queries, database), strict=True):
+        np.testing.assert_array_equal(a, b)
+    others = [set(labels[class_validation_split(labels, 0.3, seed=s)[1]]) for s in range(6, 12)]
+    assert any(other != held for other in others)
+    # Never every class: at least one stays for training.
+    assert class_validation_split(labels[:3], 0.9, seed=0)[0].size > 0
+
+
+def test_class_validation_trains_without_the_held_out_classes(tmp_path, monkeypatch):
+    seen = {}
+    real_dataset, real_scores = train.train_dataset, selection.validation_scores
+
+    def recording_dataset(source, *args, **kwargs):
+        seen["train_labels"] = set(source.labels.tolist())
+        return real_dataset(source, *args, **kwargs)
+
+    def recording_scores(model, state, validation, config, mesh):
+        seen["validation"] = [set(part.labels.tolist()) for part in validation]
+        return real_scores(model, state, validation, config, mesh)
+
+    monkeypatch.setattr(train, "train_dataset", recording_dataset)
+    monkeypatch.setattr(selection, "validation_scores", recording_scores)
+    config = tiny_config(num_steps=2)
+    config.eval.validation_fraction = 0.25  # 1 of the 4 classes
+    config.eval.validation_by = "classes"
+    config.eval.select = "best"
+    results = train.train_and_evaluate(config, tmp_path)
+
+    held = seen["validation"][0]
+    assert len(held) == 1 and seen["validation"][1] == held
+    assert seen["train_labels"] == {0, 1, 2, 3} - held
+    assert results["selected"]["validation_queries"] == 3  # 6 images: 3 query the other 3
+    assert results["selected"]["validation_database"] == 3
+    assert results["num_database"] == 24  # the protocol's database is still the whole split
 
 
 @pytest.mark.parametrize("select", ["best", "last"])
@@ -87,6 +136,10 @@ def test_select_best_without_a_validation_split_is_refused():
     config.eval.select = "newest"
     with pytest.raises(ValueError, match="eval.select"):
         validate_config(config, 1)
+    config.eval.validation_by = "species"
+    with pytest.raises(ValueError, match="eval.validation_by"):
+        validate_config(config, 1)
+    config.eval.validation_by = "classes"
     config.eval.select = "best"
     config.eval.validation_fraction = 1.0
     with pytest.raises(ValueError, match="eval.validation_fraction"):
@@ -100,6 +153,9 @@ def test_a_validation_fraction_that_holds_out_nothing_names_the_field():
     config.eval.validation_fraction = 0.05  # round(0.05 * 6) = 0 of every class
     source = load_splits(config, ("train",))["train"]
     with pytest.raises(ConfigError, match="eval.validation_fraction.*holds out no image"):
+        selection.validation_sources(config, source)
+    config.eval.validation_by = "classes"  # round(0.05 * 4) = 0 classes
+    with pytest.raises(ConfigError, match="eval.validation_fraction.*holds out no class"):
         selection.validation_sources(config, source)
 
 

@@ -14,6 +14,7 @@ _EXPORTS = {
     "load_split": "fdh_jax.data.splits",
     "load_splits": "fdh_jax.data.splits",
     "validation_split": "fdh_jax.data.splits",
+    "class_validation_split": "fdh_jax.data.splits",
 }
 
 __all__ = sorted(_EXPORTS)

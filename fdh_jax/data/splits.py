@@ -94,3 +94,34 @@ def validation_split(
     held_out = np.sort(np.concatenate(validation)) if validation else np.zeros(0, np.int64)
     train = np.setdiff1d(np.arange(labels.size), held_out)
     return train, held_out
+
+
+def class_validation_split(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(train, queries, database)` indices: a seeded hold-out of whole classes.
+
+    `round(fraction * C)` of the `C` classes (at least one left for training) are held out of
+    training, a choice fixed by `seed`. Within each held-out class, `n // 2` of its `n` images
+    (chosen by `(seed, class)`) are validation queries and the rest its validation database, so
+    the validation scores retrieval among classes the model never trained on. `train` holds every
+    image of the other classes. The three arrays are sorted and together `range(len(labels))`.
+    """
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    count = min(int(np.floor(fraction * classes.size + 0.5)), classes.size - 1)
+    held = (
+        np.random.default_rng([seed, 0xC1A5]).choice(classes, size=count, replace=False)
+        if count > 0
+        else np.zeros(0, labels.dtype)
+    )
+    queries, database = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for label in np.sort(held):
+        members = np.random.default_rng([seed, int(label)]).permutation(
+            np.flatnonzero(labels == label)
+        )
+        queries.append(members[: members.size // 2])
+        database.append(members[members.size // 2 :])
+    queries, database = np.sort(np.concatenate(queries)), np.sort(np.concatenate(database))
+    train = np.flatnonzero(~np.isin(labels, held))
+    return train, queries, database
