@@ -75,9 +75,12 @@ def test_two_processes_preempt_resume_and_match_one_process(tmp_path):
     config = check_config()
     losses = _losses(workdir)
     assert [step for step, _ in losses] == list(range(1, NUM_STEPS + 1))
-    # Summation order differs across processes (~5e-7 relative at step 1); 6 SGD steps grow it to
-    # ~1e-5. A wrong batch, slot or restored state moves the loss by percents.
-    np.testing.assert_allclose([loss for _, loss in losses], _one_process_losses(), rtol=1e-4)
+    # Summation order differs across processes (~5e-7 relative at step 1) and each SGD step
+    # amplifies it about tenfold: ~1e-5 at step 6 on an AVX-512 Xeon, 1.4e-4 on an AMD EPYC. A
+    # wrong batch, slot or restored state moves the loss by percents.
+    one_process = _one_process_losses()
+    np.testing.assert_allclose(losses[0][1], one_process[0], rtol=1e-5)
+    np.testing.assert_allclose([loss for _, loss in losses], one_process, rtol=1e-3)
     assert losses[0][1] != losses[-1][1]  # the steps did train
     results = json.loads((workdir / "results.json").read_text())
     assert results["steps"] == NUM_STEPS
