@@ -30,32 +30,30 @@ def validation_sources(config: ml_collections.ConfigDict, database: Any) -> tupl
     fraction, seed = config.eval.validation_fraction, config.eval.validation_seed
     if fraction <= 0:
         return database, None
-    if config.eval.validation_by == "classes":
+    by_classes = config.eval.validation_by == "classes"
+    if by_classes:
         train, queries, held_database = class_validation_split(database.labels, fraction, seed)
-        if queries.size == 0:
-            raise ConfigError(
-                "eval.validation_fraction",
-                f"{fraction} of the {np.unique(database.labels).size} classes holds out no class "
-                "with two or more images (at least one class stays for training): raise it",
-            )
-        return SubsetSource(database, train), (
-            SubsetSource(database, queries),
-            SubsetSource(database, held_database),
+        nothing = (
+            f"{fraction} of the {np.unique(database.labels).size} classes holds out no class "
+            "with two or more images (at least one class stays for training): raise it"
         )
-    train, held_out = validation_split(database.labels, fraction, seed)
-    if held_out.size == 0:
-        raise ConfigError(
-            "eval.validation_fraction",
+    else:
+        train, queries = validation_split(database.labels, fraction, seed)
+        nothing = (
             f"{fraction} holds out no image of the {len(database)} database images (each "
-            "class keeps at least one for training): raise it or set 0",
+            "class keeps at least one for training): raise it or set 0"
         )
+    if queries.size == 0:
+        raise ConfigError("eval.validation_fraction", nothing)
     training = SubsetSource(database, train)
-    return training, (SubsetSource(database, held_out), training)
+    scored_against = SubsetSource(database, held_database) if by_classes else training
+    return training, (SubsetSource(database, queries), scored_against)
 
 
 def validation_scores(model, state: Any, validation: tuple[Any, Any], config, mesh) -> dict:
-    """mAP@all per code length of the held-out images against the training part, and their
-    mean over the code lengths (`"mean"`: what `eval.select=best` ranks)."""
+    """mAP@all per code length of the validation queries against the validation database
+    (`validation_sources`), and their mean over the code lengths (`"mean"`: what
+    `eval.select=best` ranks)."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     queries, database = validation
     query_codes, query_labels = evaluate.encode_source(model, variables, queries, config, mesh)
