@@ -1,7 +1,9 @@
 """Shared test helpers: tiny configs that train in seconds on a CPU."""
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -10,15 +12,18 @@ from pathlib import Path
 import pytest
 
 # Caches (image scans, stage maps) of test runs stay out of the user's ~/.cache; child processes
-# inherit this.
-os.environ["FDH_JAX_CACHE"] = tempfile.mkdtemp(prefix="fdh_jax_test_cache_")
+# inherit this. Directories made here are removed when the process that made them exits.
+_TEMP_DIRS = [tempfile.mkdtemp(prefix="fdh_jax_test_cache_")]
+os.environ["FDH_JAX_CACHE"] = _TEMP_DIRS[0]
 # One XLA compilation cache for the whole session, children included: most tests compile the same
 # tiny train and evaluation steps, and compiling them (not running them) is most of a test's time
 # on a 2-core CPU (a tiny 8-step run: 27 s cold, 6 s from the cache). Executables are reused
 # unchanged, so numbers do not move. Set before JAX is imported; a child that imports this module
 # keeps the directory it inherited.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="fdh_jax_test_xla_")
+    _TEMP_DIRS.append(tempfile.mkdtemp(prefix="fdh_jax_test_xla_"))
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _TEMP_DIRS[-1]
+atexit.register(lambda: [shutil.rmtree(d, ignore_errors=True) for d in _TEMP_DIRS])
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 # Tests build tiny models, whose steps run in milliseconds: XLA's expensive optimization passes
