@@ -31,6 +31,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.learning_rate = 1e-3
     config.train.num_steps = 1600  # 4 views: validation 81.19 (step 1400) vs 80.67 for 1200 steps
     config.train.warmup_steps = 160
+    # Proxy loss margin 0.3 instead of the default 0.2: validation 83.12 against 82.09 (seed 0);
+    # proxy scale 32 and quantization weight 0.5 scored lower (BENCHMARKS.md).
+    config.loss.proxy_margin = 0.3
     config.eval.validation_fraction = 0.1
     config.eval.every = 200
     config.eval.select = "best"
