@@ -90,6 +90,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     train.weight_decay = 5e-4  # decoupled for adamw, L2-style for sgd
     train.warmup_steps = 200  # linear warm-up, then cosine decay to 0
     train.grad_clip = 10.0  # global-norm clipping (0 disables)
+    # Exponential moving average of the parameters, used for validation, evaluation and serving
+    # (0 = off; d: average over about 1 / (1 - d) steps; `fdh_jax.train.update_ema`).
+    train.ema_decay = 0.0
     train.log_every = 50  # steps between metric lines
     train.checkpoint_every = 500  # steps between checkpoints (the last step is always saved)
     train.keep_checkpoints = 2  # how many checkpoints to keep

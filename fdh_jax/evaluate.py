@@ -41,10 +41,19 @@ __all__ = [
     "evaluate_and_report",
     "format_table",
     "mean_average_precision",
+    "state_variables",
     "write_extra_metrics",
     "write_figures",
     "write_results",
 ]
+
+
+def state_variables(state: Any) -> dict:
+    """The variables of a train state that validation, evaluation and serving use: the moving
+    average of the parameters when the run keeps one (`train.ema_decay > 0`), else the
+    parameters; with the BatchNorm statistics."""
+    params = state.params if getattr(state, "ema_params", None) is None else state.ema_params
+    return {"params": params, "batch_stats": state.batch_stats}
 
 
 def encode(model, variables: dict, images: Any) -> dict[str, jax.Array]:

@@ -8,9 +8,9 @@
 **A workdir describes its model.** Training writes two files when it starts from step 0, and
 nothing rewrites them: `config.json` (the complete training config) and `model.json` (what
 encoding needs: class count and names, code lengths, backbone, the evaluation transform).
-Restoring reads only the parameters and BatchNorm statistics of one checkpoint (an Orbax partial
-restore): no dataset, no pretrained-weights file (a pretrained backbone is in the checkpoint),
-no optimiser state.
+Restoring reads only the parameters (their moving average, for a run with `train.ema_decay > 0`)
+and BatchNorm statistics of one checkpoint (an Orbax partial restore): no dataset, no
+pretrained-weights file (a pretrained backbone is in the checkpoint), no optimiser state.
 
 **An export directory** (`export_encoder`, `--mode=export`) holds `export.json` (preprocessing,
 code lengths, identity, training config, file checksums), the encoder serialised with
@@ -209,19 +209,23 @@ def restore_variables(
     abstract_variables: dict,
     step: int | None = None,
     sharding: jax.sharding.Sharding | None = None,
+    *,
+    moving_average: bool = False,
 ) -> tuple[dict, int]:
     """`({"params", "batch_stats"}, step)` of checkpoint `step` (default: the latest).
 
     `abstract_variables` gives the tree and shapes (`jax.eval_shape` of the model's init); only
     those arrays are read from the checkpoint (no optimiser state), onto `sharding` (default:
-    the first device).
+    the first device). `moving_average`: `"params"` are the parameters' moving average that the
+    run kept (`train.ema_decay > 0`), the variables its evaluation used.
     """
     import orbax.checkpoint as ocp  # noqa: PLC0415 - the export path must not need it
 
     workdir = Path(workdir)
     step = _select_step(workdir, step)
+    params_key = "ema_params" if moving_average else "params"
     tree = {
-        "params": abstract_variables["params"],
+        params_key: abstract_variables["params"],
         "batch_stats": abstract_variables.get("batch_stats", {}),
     }
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -236,7 +240,7 @@ def restore_variables(
         raise ModelFileError(
             f"{path}: does not hold this model's variables ({str(error).splitlines()[0]})"
         ) from error
-    return variables, step
+    return {"params": variables[params_key], "batch_stats": variables["batch_stats"]}, step
 
 
 def checkpoint_progress(workdir: str | os.PathLike, step: int) -> dict:
@@ -484,7 +488,13 @@ def restore_encoder(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
     )
     mesh = _encoding_mesh(int(config.eval.batch_size))
-    variables, step = restore_variables(workdir, abstract, step, parallel.replicated(mesh))
+    variables, step = restore_variables(
+        workdir,
+        abstract,
+        step,
+        parallel.replicated(mesh),
+        moving_average=float(recorded.train.get("ema_decay", 0.0)) > 0,
+    )
     return WorkdirEncoder(config, description, model, variables, step, mesh)
 
 

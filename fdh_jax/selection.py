@@ -54,7 +54,7 @@ def validation_scores(model, state: Any, validation: tuple[Any, Any], config, me
     """mAP@all per code length of the validation queries against the validation database
     (`validation_sources`), and their mean over the code lengths (`"mean"`: what
     `eval.select=best` ranks)."""
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    variables = evaluate.state_variables(state)
     queries, database = validation
     query_codes, query_labels = evaluate.encode_source(model, variables, queries, config, mesh)
     db_codes, db_labels = evaluate.encode_source(model, variables, database, config, mesh)

@@ -34,9 +34,27 @@ from fdh_jax.validation import validate_config
 
 
 class TrainState(train_state.TrainState):
-    """Parameters, optimiser state and step, plus BatchNorm statistics."""
+    """Parameters, optimiser state and step, plus BatchNorm statistics and, with
+    `train.ema_decay > 0`, the exponential moving average of the parameters (None otherwise, so
+    that the checkpoint tree of a run without it is unchanged)."""
 
     batch_stats: Any
+    ema_params: Any = None
+
+
+def ema_rate(decay: float, step: jax.Array) -> jax.Array:
+    """The averaging rate after `step` updates: `min(decay, (1 + step) / (10 + step))`, so that
+    the first updates are not tied to the random initial head (TensorFlow's
+    `ExponentialMovingAverage` with `num_updates`)."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def update_ema(ema_params: Any, params: Any, decay: float, step: jax.Array) -> Any:
+    """`ema + (1 - rate) * (params - ema)` per leaf (`ema_rate`): a leaf that does not move (a
+    frozen backbone) keeps exactly its value."""
+    keep = ema_rate(decay, step)
+    return jax.tree.map(lambda e, p: e + (1.0 - keep) * (p - e), ema_params, params)
 
 
 # ---------------------------------------------------------------------------------- optimiser
@@ -132,6 +150,8 @@ def create_train_state(
     if config.model.pretrained and load_pretrained:
         state = _with_pretrained_backbone(config, state, tx, calibration_images)
         state = jax.device_put(state, parallel.replicated(mesh))
+    if config.train.ema_decay > 0:  # the average starts at the initial parameters (a copy)
+        state = state.replace(ema_params=jax.tree.map(jnp.copy, state.params))
     return state
 
 
@@ -188,11 +208,14 @@ def train_step(
     grad_accum_steps: int = 1,
     micro_batch_sharding: jax.sharding.NamedSharding | None = None,
     schedule: optax.Schedule | None = None,
+    ema_decay: float = 0.0,
 ):
     """One update on a global batch; returns `(new_state, measurements)`.
 
     Use `make_train_step`, which jits this over the mesh as training does; `schedule` (the head's
-    learning-rate schedule) adds the rate this update used to the measurements (`"lr"`).
+    learning-rate schedule) adds the rate this update used to the measurements (`"lr"`). When
+    the state keeps a moving average of the parameters, it moves towards the updated ones at
+    `ema_rate(ema_decay, new step)`.
 
     `batch`: `{"image": [B, S, S, 3], "label": [B]}`. With `grad_accum_steps = A > 1` the batch
     is split into `A` contiguous micro-batches of `B / A` (whole classes: the sampler groups a
@@ -230,6 +253,10 @@ def train_step(
         loss, parts = jnp.mean(losses), jax.tree.map(jnp.mean, parts)
 
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if state.ema_params is not None:
+        new_state = new_state.replace(
+            ema_params=update_ema(state.ema_params, new_state.params, ema_decay, new_state.step)
+        )
     measurements = {
         "loss": loss,
         **parts,
@@ -254,6 +281,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh, total_steps: int, d
             grad_accum_steps=config.train.grad_accum_steps,
             micro_batch_sharding=parallel.micro_batch_sharding(mesh),
             schedule=learning_rate_schedule(config, total_steps),
+            ema_decay=float(config.train.ema_decay),
         ),
         in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
         out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
@@ -387,11 +415,10 @@ def _evaluate_and_report(
     inputs: tuple[Any, Any],
     extra_results: dict | None = None,
 ) -> dict:
-    variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
     steps = int(run.state.step)
     results = evaluate.evaluate_and_report(
         run.model,
-        variables,
+        evaluate.state_variables(run.state),
         run.query,
         run.database,
         config,

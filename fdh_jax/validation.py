@@ -160,6 +160,7 @@ FIELD_RULES: tuple[tuple[str, Callable, str], ...] = (
     ("train.momentum", _between(0, 1, open_high=True), "in [0, 1)"),
     ("train.weight_decay", _at_least(0), ">= 0"),
     ("train.grad_clip", _at_least(0), ">= 0 (0: no clipping)"),
+    ("train.ema_decay", _between(0, 1, open_high=True), "in [0, 1) (0: no moving average)"),
     ("train.warmup_steps", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     ("train.log_every", _positive_integer, "a positive integer"),
     ("train.checkpoint_every", _positive_integer, "a positive integer"),
