@@ -91,7 +91,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     train.warmup_steps = 200  # linear warm-up, then cosine decay to 0
     train.grad_clip = 10.0  # global-norm clipping (0 disables)
     # Exponential moving average of the parameters, used for validation, evaluation and serving
-    # (0 = off; d: average over about 1 / (1 - d) steps; `fdh_jax.train.update_ema`).
+    # (0 = off). The rate after t updates is min(d, (1 + t) / (10 + t)): an average over about
+    # the last (10 + t) / 9 steps until t = (10d - 1) / (1 - d) (1,790 for d = 0.995), then
+    # over about 1 / (1 - d) steps (`fdh_jax.train.ema_rate`).
     train.ema_decay = 0.0
     train.log_every = 50  # steps between metric lines
     train.checkpoint_every = 500  # steps between checkpoints (the last step is always saved)
