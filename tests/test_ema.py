@@ -1,6 +1,8 @@
 """The parameters' moving average (`train.ema_decay`): the update against a NumPy loop, and that
 validation, evaluation and serving use it."""
 
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -110,3 +112,24 @@ def test_validation_evaluation_and_serving_use_the_moving_average(averaged_run):
     averaged = {"params": state.ema_params, "batch_stats": state.batch_stats}
     scored = evaluate.evaluate(model, averaged, query, database, config, mesh)
     assert scored.results["mAP"] == pytest.approx(results["mAP"], abs=1e-6)
+
+
+def test_resume_continues_the_moving_average_exactly(averaged_run, tmp_path):
+    config, _, _ = averaged_run
+    config = config.copy_and_resolve_references()
+    config.eval.validation_fraction, config.eval.every, config.eval.select = 0.0, 0, "last"
+    config.train.keep_checkpoints = 3
+    reference = train.train_and_evaluate(config, tmp_path / "whole")
+    _, _, whole = _restored_state(config, tmp_path / "whole", 6)
+
+    resumed_dir = tmp_path / "resumed"
+    train.train_and_evaluate(config, resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "6")  # as if killed after step 4's save
+    (resumed_dir / "results.json").unlink()
+    resumed = train.train_and_evaluate(config, resumed_dir)
+    _, _, state = _restored_state(config, resumed_dir, 6)
+    for got, want in zip(
+        _numpy_leaves(state.ema_params), _numpy_leaves(whole.ema_params), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)
+    assert resumed["mAP"] == reference["mAP"]
