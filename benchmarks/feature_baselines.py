@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
+from fdh_jax.adaptation import binarise, itq_rotation, pca_projection
 from fdh_jax.data.sources import make_source
 from fdh_jax.data.transforms import eval_transform
 from fdh_jax.metrics import mean_average_precision
@@ -36,7 +37,6 @@ from fdh_jax.models.backbones import get_backbone
 from fdh_jax.models.pretrained import load_pretrained
 
 SHARED = Path(os.environ.get("FDH_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-ITQ_ITERATIONS = 50
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,20 +97,9 @@ def cached_features(source, args) -> np.ndarray:
 # Linear hashing (fitted on the database features only)
 
 
-def binarise(projected: np.ndarray) -> np.ndarray:
-    """`[N, K]` real -> `[N, K] int8` in {-1, +1} (0 maps to +1, as the model's codes)."""
-    return np.where(projected >= 0, 1, -1).astype(np.int8)
-
-
 def lsh_projection(features: np.ndarray, bits: int, seed: int) -> np.ndarray:
     """Seeded Gaussian random projection `[D, bits]`."""
     return np.random.default_rng(seed).standard_normal((features.shape[1], bits))
-
-
-def pca_projection(centred: np.ndarray, bits: int) -> np.ndarray:
-    """Top-`bits` principal directions `[D, bits]` of centred features."""
-    _, _, right = np.linalg.svd(centred, full_matrices=False)
-    return right[:bits].T
 
 
 def lda_projection(centred: np.ndarray, labels: np.ndarray, bits: int) -> np.ndarray:
@@ -135,17 +124,6 @@ def lda_projection(centred: np.ndarray, labels: np.ndarray, bits: int) -> np.nda
         subset_by_index=(dim - bits, dim - 1),
     )
     return vectors[:, ::-1]  # largest eigenvalue first
-
-
-def itq_rotation(projected: np.ndarray, seed: int, iterations: int = ITQ_ITERATIONS) -> np.ndarray:
-    """ITQ: orthogonal `R [K, K]` minimising `||B - V R||_F` with `B = sign(V R)` (alternating)."""
-    bits = projected.shape[1]
-    rotation, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((bits, bits)))
-    for _ in range(iterations):
-        codes = binarise(projected @ rotation).astype(np.float64)
-        left, _, right = np.linalg.svd(codes.T @ projected)  # Procrustes
-        rotation = (left @ right).T
-    return rotation
 
 
 def hash_codes(method: str, database, database_labels, query, bits: int, seed: int):

@@ -113,4 +113,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ev.validation_by = "images"
     ev.every = 0  # steps between validation scores (0 = at the last step only)
     ev.select = "last"  # last | best: the checkpoint scored and served (best validation mAP)
+    # `--mode=eval --adapt`: codes fitted to a collection of new classes (PCA-ITQ on the
+    # foreground-pooled C5 and this weight times the trained descriptor; fdh_jax/adaptation.py,
+    # which keeps the same value for older workdirs).
+    ev.adapt_descriptor_weight = 0.3
     return config

@@ -9,6 +9,7 @@
     fdh_jax.train_and_evaluate(config, workdir)
     encoder = fdh_jax.load_encoder(workdir_or_export_dir)      # a trained model on its own
     codes = encoder.encode_images(["a.jpg", "b.jpg"])
+    hash_fn = fdh_jax.fit_pca_itq(fdh_jax.transfer_features(pooled, z, 0.3), bits=48)  # new classes
 
 Re-exports only; each name lives in the module named for what it is. The names are imported on
 first use, so that `fdh_jax.load_encoder(export_dir)` needs only jax, numpy and Pillow (no
@@ -28,6 +29,8 @@ _EXPORTS = {
     "make_source": "fdh_jax.data",
     "encode": "fdh_jax.evaluate",
     "evaluate_checkpoint": "fdh_jax.evaluate",
+    "fit_pca_itq": "fdh_jax.adaptation",
+    "transfer_features": "fdh_jax.adaptation",
     "mean_average_precision": "fdh_jax.metrics",
     "train_and_evaluate": "fdh_jax.train",
     "load_encoder": "fdh_jax.inference",

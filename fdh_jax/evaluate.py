@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from fdh_jax import inference, parallel
+from fdh_jax import adaptation, inference, parallel
 from fdh_jax.atomic_files import write_text_atomically
 from fdh_jax.data.pipeline import eval_dataset, model_inputs
 from fdh_jax.metrics import (
@@ -38,9 +38,11 @@ __all__ = [
     "encode_source",
     "evaluate",
     "evaluate_checkpoint",
+    "evaluate_adapted",
     "evaluate_and_report",
     "format_table",
     "mean_average_precision",
+    "score_codes",
     "state_variables",
     "write_extra_metrics",
     "write_figures",
@@ -198,13 +200,24 @@ def evaluate(
     """Encodes both splits; mAP@all, precision@k, radius-2 precision and PR curves per length."""
     query_codes, query_labels = encode_source(model, variables, query, config, mesh)
     db_codes, db_labels = encode_source(model, variables, database, config, mesh)
+    return score_codes(query_codes, db_codes, query_labels, db_labels, config)
+
+
+def score_codes(
+    query_codes: dict[str, np.ndarray],
+    db_codes: dict[str, np.ndarray],
+    query_labels: np.ndarray,
+    db_labels: np.ndarray,
+    config: ml_collections.ConfigDict,
+) -> Evaluation:
+    """mAP@all, precision@k, radius-2 precision and PR curves of `{"K": int8 [N, K]}` codes."""
     results = {
         "dataset": config.data.name,
         "bits": [int(k) for k in config.bits],
         "mAP": {},
         "precision_at_k": {},
-        "num_query": len(query),
-        "num_database": len(database),
+        "num_query": len(query_labels),
+        "num_database": len(db_labels),
     }
     extra = {"tie_break": config.eval.tie_break, "precision_radius_2": {}, "pr_curve": {}}
     for k in map(str, config.bits):
@@ -217,6 +230,61 @@ def evaluate(
         precision, recall = precision_recall_curve(*scored)
         extra["pr_curve"][k] = {"precision": precision.tolist(), "recall": recall.tolist()}
     return Evaluation(results, extra, query_codes, db_codes, query_labels, db_labels)
+
+
+@functools.lru_cache(maxsize=4)
+def _transfer_encoder(model, mesh):
+    """The outputs the transfer features are made of (`fdh_jax.adaptation`), jitted over `mesh`."""
+
+    def outputs(variables, inputs):
+        out = model.apply(variables, inputs, train=False)
+        return {"pooled": out["pooled"], "descriptor": out["descriptor"]}
+
+    return jax.jit(outputs, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)))
+
+
+def transfer_outputs(
+    model, variables: dict, source: Any, config: ml_collections.ConfigDict, mesh
+) -> tuple[np.ndarray, np.ndarray]:
+    """`(pooled [N, C5], descriptor [N, D])` of every item of `source`, in dataset order: what
+    `adaptation.transfer_features` combines."""
+    chunks: dict[str, list[np.ndarray]] = {"pooled": [], "descriptor": []}
+    positions = []
+    for batch_positions, outputs in map_source(
+        _transfer_encoder(model, mesh), variables, source, config, mesh
+    ):
+        positions.append(batch_positions)
+        for name, value in outputs.items():
+            chunks[name].append(value)
+    position = np.concatenate(positions)
+    real = position < len(source)
+    order = np.argsort(position[real])
+    pooled, descriptor = (np.concatenate(chunks[n])[real][order] for n in ("pooled", "descriptor"))
+    return pooled, descriptor
+
+
+def evaluate_adapted(
+    model,
+    variables: dict,
+    query: Any,
+    database: Any,
+    config: ml_collections.ConfigDict,
+    mesh,
+) -> Evaluation:
+    """Like `evaluate`, with codes fitted to the database (`fdh_jax.adaptation`): per length, a
+    PCA-ITQ fitted on the database's transfer features (no labels) hashes both splits."""
+    adaptation.check_collection_size(len(database), max(int(k) for k in config.bits))
+    weight = float(config.eval.adapt_descriptor_weight)
+    query_features, db_features = (
+        adaptation.transfer_features(*transfer_outputs(model, variables, s, config, mesh), weight)
+        for s in (query, database)
+    )
+    query_codes, db_codes = {}, {}
+    for k in config.bits:
+        fitted = adaptation.fit_pca_itq(db_features, int(k), seed=0)
+        query_codes[str(k)], db_codes[str(k)] = fitted(query_features), fitted(db_features)
+    labels = (np.asarray(s.labels, np.int32) for s in (query, database))
+    return score_codes(query_codes, db_codes, *labels, config)
 
 
 def write_figures(
@@ -282,15 +350,18 @@ def evaluate_and_report(
     train_seconds: float,
     extra_results: dict | None = None,
     inputs: tuple[Any, Any] | None = None,
+    adapt: bool = False,
 ) -> dict:
     """Evaluates, then (process 0) writes `results.json`, `retrieval_metrics.json`, the PR
     curves and the gallery into `output_dir` and prints the table. Returns the results.
 
     `inputs`: `(query, database)` sources to encode instead of the image sources (the cached
-    stage maps of a frozen backbone); the figures still show the images.
+    stage maps of a frozen backbone); the figures still show the images. `adapt`: score codes
+    fitted to the database (`evaluate_adapted`) instead of the hash heads' codes.
     """
     query_inputs, database_inputs = inputs if inputs is not None else (query, database)
-    evaluation = evaluate(model, variables, query_inputs, database_inputs, config, mesh)
+    scorer = evaluate_adapted if adapt else evaluate
+    evaluation = scorer(model, variables, query_inputs, database_inputs, config, mesh)
     results = evaluation.results | {"train_seconds": round(train_seconds, 3), "steps": steps}
     results |= extra_results or {}
     if jax.process_index() == 0:
@@ -309,6 +380,7 @@ def evaluate_checkpoint(
     *,
     eval_data: str | None = None,
     step: int | None = None,
+    adapt: bool = False,
 ) -> dict:
     """`--mode=eval`: scores a workdir's checkpoint (default: the latest) without training.
 
@@ -321,6 +393,11 @@ def evaluate_checkpoint(
     split rules of `configs/folder.py`: `split.csv`, else a per-class split seeded by the training
     seed with `data.test_fraction`) whose classes may be ones the model never saw; the results go
     to `workdir/eval/<folder name>/` and the training `results.json` is left alone.
+
+    `adapt`: score codes fitted to the database split without its labels (`fdh_jax.adaptation`:
+    PCA-ITQ on the transfer features, `config.eval.adapt_descriptor_weight`) instead of the hash
+    heads' codes, for classes the model never trained on; the results go to
+    `workdir/eval/<folder name or "train">_adapted/`.
     """
     from fdh_jax.data import load_splits  # noqa: PLC0415 - the data sources are heavy imports
 
@@ -335,6 +412,16 @@ def evaluate_checkpoint(
         extra = {"eval_data": str(Path(eval_data).resolve()), "checkpoint_step": encoder.step}
     else:
         output_dir = workdir
+    if adapt:
+        config = adaptation.with_descriptor_weight(config)
+        weight = float(config.eval.adapt_descriptor_weight)
+        name = Path(eval_data).resolve().name if eval_data else "train"
+        output_dir = workdir / "eval" / f"{name}_adapted"
+        extra |= {
+            "checkpoint_step": encoder.step,
+            "codes": "PCA-ITQ fitted to the database's transfer features (fdh_jax.adaptation), "
+            f"descriptor weight {weight}",
+        }
     splits = load_splits(config, ("train", "test"))
     database, query = splits["train"], splits["test"]
     progress = inference.checkpoint_progress(workdir, encoder.step)
@@ -349,6 +436,7 @@ def evaluate_checkpoint(
         steps=encoder.step,
         train_seconds=float(progress.get("train_seconds", 0.0)),
         extra_results=extra,
+        adapt=adapt,
     )
 
 

@@ -3,11 +3,15 @@
     python -m fdh_jax.main --workdir=W --mode=encode --images=DIR --index=db.npz
     python -m fdh_jax.main --workdir=W --mode=encode --split=train --index=db.npz
     python -m fdh_jax.main --workdir=W --mode=search --index=db.npz --query=IMG --topk=10
+    python -m fdh_jax.main --workdir=W --mode=encode --images=DIR --index=db.npz --adapt
 
 `W` is a training workdir (its latest checkpoint, or `--step`) or an export directory
 (`--mode=export`): the model comes from there, never from `--config`. An index records the
 training config and the encoder's identity (parameter fingerprint, checkpoint step, code length,
-preprocessing); a search refuses an index made by another encoder, naming both.
+preprocessing); a search refuses an index made by another encoder, naming both. With `--adapt`
+the codes are fitted to the indexed images without labels (`fdh_jax.adaptation`, for classes
+the model never trained on; a training workdir only): the index keeps the fit, and a search
+hashes its queries through it.
 """
 
 from pathlib import Path
@@ -47,21 +51,27 @@ def encode_to_index(
     bits: int | None = None,
     step: int | None = None,
     config: ml_collections.ConfigDict | None = None,
+    adapt: bool = False,
 ) -> HashIndex:
     """Encodes the image files under `images` (or a split of the training dataset) and saves a
     `HashIndex` of `bits`-bit codes (default: the longest) to `index_path`, atomically.
 
     `model_path`: a training workdir or an export directory. `config` replaces the training
-    config's data settings when encoding a split from a moved dataset.
+    config's data settings when encoding a split from a moved dataset. `adapt`: codes fitted to
+    these images (`Encoder.index_fitted`) instead of the hash heads' codes.
     """
     encoder = load_encoder(model_path, step)
     k = _bits(encoder, bits)
     source = ImageFilesSource(images) if images else _split_source(encoder, split, config)
-    codes = encoder.encode_source(source)[k]
-    index = encoder.index_codes(codes, source.paths, np.asarray(source.labels, np.int64))
+    labels = np.asarray(source.labels, np.int64)
+    if adapt:
+        index = encoder.index_fitted(source, source.paths, int(k), labels)
+    else:
+        index = encoder.index_codes(encoder.encode_source(source)[k], source.paths, labels)
     if jax.process_index() == 0:
         index.save(index_path)
-        print(f"Wrote {len(index)} {k}-bit codes to {index_path}", flush=True)
+        kind = " (fitted to these images)" if adapt else ""
+        print(f"Wrote {len(index)} {k}-bit codes{kind} to {index_path}", flush=True)
     return index
 
 
@@ -78,8 +88,7 @@ def search_index(
     encoder = load_encoder(model_path, step)
     encoder.check_index(index, str(index_path))
     source = ImageFilesSource(query)
-    codes = encoder.encode_source(source)[str(index.bits)]
-    paths, distances = index.search(codes, topk)
+    paths, distances = index.search(encoder.index_query_codes(index, source), topk)
     return [
         {
             "query": q,

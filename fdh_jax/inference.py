@@ -378,12 +378,60 @@ class Encoder:
         """Codes of every item of a source (items with a uint8 `"image"`), in source order."""
         raise NotImplementedError
 
-    def build_index(self, paths: Any, bits: int | None = None, labels: Any = None):
+    def build_index(
+        self, paths: Any, bits: int | None = None, labels: Any = None, *, adapt: bool = False
+    ):
         """A `fdh_jax.retrieval.HashIndex` of the images at `paths`, `bits`-bit codes (default:
-        the longest), that remembers this encoder (see `identity`)."""
+        the longest), that remembers this encoder (see `identity`). `adapt`: codes fitted to
+        these images without labels (`fdh_jax.adaptation`), for classes the model never trained
+        on; needs a training workdir."""
         paths = [os.fspath(p) for p in paths]
         k = str(max(self.bits) if bits is None else bits)
+        if adapt:
+            return self.index_fitted(_ImageInput(paths), paths, int(k), labels)
         return self.index_codes(self.encode_images(paths, int(k))[k], paths, labels)
+
+    def transfer_features(self, source: Any, descriptor_weight: float) -> np.ndarray:
+        """`fdh_jax.adaptation.transfer_features` of every item of `source`: `[N, F]`."""
+        raise EncoderRequestError(
+            "codes fitted to a collection (--adapt) need the training workdir: an export holds "
+            "only the hash heads' program"
+        )
+
+    def index_fitted(self, source: Any, paths: Sequence[str], bits: int, labels: Any = None):
+        """A `HashIndex` of codes fitted to `source` (PCA-ITQ on its transfer features, no
+        labels; `fdh_jax.adaptation`): the index keeps the fit, which its queries go through."""
+        from fdh_jax import adaptation  # noqa: PLC0415
+
+        if int(bits) not in self.bits:
+            raise EncoderRequestError(f"bits={bits}: this encoder has code lengths {self.bits}")
+        adaptation.check_collection_size(len(source), int(bits))
+        weight = float(
+            self.training_config["eval"].get(
+                "adapt_descriptor_weight", adaptation.DESCRIPTOR_WEIGHT
+            )
+        )
+        features = self.transfer_features(source, weight)
+        fitted = adaptation.fit_pca_itq(features, int(bits), seed=0)
+        index = self.index_codes(fitted(features), paths, labels)
+        identity = json.loads(index.encoder_json) | {
+            "codes": "fitted to the collection (fdh_jax.adaptation)",
+            "descriptor_weight": weight,
+        }
+        index.encoder_json = json.dumps(identity)
+        index.code_mean, index.code_projection = fitted.mean, fitted.projection
+        return index
+
+    def index_query_codes(self, index: Any, source: Any) -> np.ndarray:
+        """Codes of `source` comparable with `index`'s: the hash heads', or the index's own fit
+        applied to the transfer features for an index made with `adapt`."""
+        if index.code_projection is None:
+            return self.encode_source(source)[str(index.bits)]
+        from fdh_jax.adaptation import CollectionHash  # noqa: PLC0415
+
+        weight = float(json.loads(index.encoder_json)["descriptor_weight"])
+        fitted = CollectionHash(index.code_mean, index.code_projection)
+        return fitted(self.transfer_features(source, weight))
 
     def index_codes(self, codes: np.ndarray, paths: Sequence[str], labels: Any = None):
         """A `HashIndex` of codes this encoder made (`[N, K]`), with their paths and labels."""
@@ -425,8 +473,10 @@ class Encoder:
         encoder must have made (`check_index`). Returns (paths `Q x k`, distances `[Q, k]`),
         nearest first, ties by index order."""
         self.check_index(index)
-        codes = self.encode_images(queries, index.bits)[str(index.bits)]
-        return index.search(codes, k)
+        source = _ImageInput(queries)
+        if len(source) == 0:
+            return index.search(np.zeros((0, index.bits), np.int8), k)
+        return index.search(self.index_query_codes(index, source), k)
 
 
 class WorkdirEncoder(Encoder):
@@ -444,6 +494,14 @@ class WorkdirEncoder(Encoder):
             self.model, self.variables, source, self.config, self.mesh
         )
         return codes
+
+    def transfer_features(self, source: Any, descriptor_weight: float) -> np.ndarray:
+        from fdh_jax import adaptation, evaluate  # noqa: PLC0415
+
+        outputs = evaluate.transfer_outputs(
+            self.model, self.variables, source, self.config, self.mesh
+        )
+        return adaptation.transfer_features(*outputs, descriptor_weight)
 
 
 def _encoding_mesh(batch_size: int):

@@ -2,8 +2,10 @@
 
 Modes:
   train   (default) train, resuming from the workdir, then evaluate; needs --config
-  eval    evaluate the latest checkpoint (or --step) only; --eval_data=DIR scores a folder dataset
-  encode  hash an image folder (`--images`) or a split (`--split`) into `--index`
+  eval    evaluate the latest checkpoint (or --step) only; --eval_data=DIR scores a folder dataset,
+          --adapt scores codes fitted to its database (classes never trained on)
+  encode  hash an image folder (`--images`) or a split (`--split`) into `--index`; --adapt fits
+          the codes to those images (new classes)
   search  rank `--index` for the image(s) at `--query`, print the top `--topk`
   export  serialise the encoder into `--export_dir` (jax.export; see fdh_jax/inference.py)
 Only training needs `--config`: the other modes read the model from the workdir (config.json,
@@ -41,6 +43,13 @@ flags.DEFINE_integer("topk", 10, "search: how many results per query.")
 flags.DEFINE_integer("bits", None, "encode: code length (default: the longest trained).")
 flags.DEFINE_integer("step", None, "eval/encode/search/export: checkpoint step (default: latest).")
 flags.DEFINE_string("eval_data", None, "eval: a folder dataset to score instead of training's.")
+flags.DEFINE_bool(
+    "adapt",
+    False,
+    "eval: score codes fitted to the database without labels (PCA-ITQ, fdh_jax/adaptation.py) "
+    "instead of the hash heads' codes; encode: fit the index's codes to its images (for classes "
+    "the model never trained on; search then uses the fit). Needs a training workdir.",
+)
 flags.DEFINE_string("export_dir", None, "export: the directory to write the encoder into.")
 flags.DEFINE_string(
     "coordinator_address",
@@ -66,7 +75,9 @@ def _run_mode() -> None:
     elif mode == "eval":
         from fdh_jax import evaluate  # noqa: PLC0415
 
-        evaluate.evaluate_checkpoint(workdir, config, eval_data=FLAGS.eval_data, step=step)
+        evaluate.evaluate_checkpoint(
+            workdir, config, eval_data=FLAGS.eval_data, step=step, adapt=FLAGS.adapt
+        )
     elif mode == "export":
         if not FLAGS.export_dir:
             raise app.UsageError("--mode=export needs --export_dir=DIR")
@@ -87,6 +98,7 @@ def _run_mode() -> None:
             bits=FLAGS.bits,
             step=step,
             config=config,
+            adapt=FLAGS.adapt,
         )
     else:
         if not (FLAGS.index and FLAGS.query):
@@ -144,6 +156,7 @@ def main(argv):
 
 def _expected_errors() -> tuple[type[Exception], ...]:
     """What a user can cause and fix (bad config, data, weights, files): one line, exit 2."""
+    from fdh_jax.adaptation import CollectionTooSmallError  # noqa: PLC0415
     from fdh_jax.checkpointing import DamagedCheckpointsError  # noqa: PLC0415
     from fdh_jax.data.decode import BadImageError, BadImagesFoundError  # noqa: PLC0415
     from fdh_jax.data.sources import DatasetNotFoundError, SplitSizeMismatchError  # noqa: PLC0415
@@ -158,6 +171,7 @@ def _expected_errors() -> tuple[type[Exception], ...]:
 
     return (
         ConfigError,
+        CollectionTooSmallError,
         DatasetNotFoundError,
         SplitSizeMismatchError,
         BadImagesFoundError,

@@ -478,9 +478,11 @@ class HashIndex:
     paths: N image paths; checkpoint: the checkpoint that encoded them; config_json: the
     training config as JSON; encoder_json: the encoder's identity as JSON (parameter
     fingerprint, checkpoint step, code lengths, preprocessing: `fdh_jax.inference.Encoder.
-    identity`), which a search compares with the encoder of its queries. Saved as one .npz (no
-    pickle) with packed codes and a SHA-256 checksum; `load` refuses corrupted files, checksum
-    mismatches and other format versions.
+    identity`), which a search compares with the encoder of its queries; code_mean [F] and
+    code_projection [F, K] float64: for codes fitted to this collection (`fdh_jax.adaptation`,
+    `--mode=encode --adapt`), the linear hash that queries go through, else None. Saved as one
+    .npz (no pickle) with packed codes and a SHA-256 checksum; `load` refuses corrupted files,
+    checksum mismatches and other format versions.
     """
 
     codes: np.ndarray
@@ -489,6 +491,8 @@ class HashIndex:
     checkpoint: str = ""
     config_json: str = "{}"
     encoder_json: str = "{}"
+    code_mean: np.ndarray | None = None
+    code_projection: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.codes = as_sign_codes(self.codes, "HashIndex codes")
@@ -502,6 +506,16 @@ class HashIndex:
             )
         json.loads(self.config_json)  # must be valid JSON
         json.loads(self.encoder_json)
+        if (self.code_mean is None) != (self.code_projection is None):
+            raise ValueError("HashIndex needs both code_mean and code_projection, or neither")
+        if self.code_projection is not None:
+            self.code_mean = np.asarray(self.code_mean, np.float64)
+            self.code_projection = np.asarray(self.code_projection, np.float64)
+            if self.code_projection.shape != (self.code_mean.shape[0], self.bits):
+                raise ValueError(
+                    f"HashIndex code_projection {self.code_projection.shape} does not map "
+                    f"{self.code_mean.shape[0]} features to {self.bits} bits"
+                )
 
     @property
     def bits(self) -> int:
@@ -547,7 +561,11 @@ class HashIndex:
             "checkpoint": _text_field(self.checkpoint),
             "config_json": _text_field(self.config_json),
             "encoder_json": _text_field(self.encoder_json),
-        }
+        } | (
+            {}
+            if self.code_projection is None
+            else {"code_mean": self.code_mean, "code_projection": self.code_projection}
+        )
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the index to `path` (.npz, with its SHA-256) atomically (temporary file +
@@ -570,6 +588,8 @@ class HashIndex:
                 checkpoint=bytes(fields["checkpoint"]).decode("utf-8"),
                 config_json=bytes(fields["config_json"]).decode("utf-8"),
                 encoder_json=bytes(fields["encoder_json"]).decode("utf-8"),
+                code_mean=fields.get("code_mean"),
+                code_projection=fields.get("code_projection"),
             )
         except (KeyError, ValueError) as error:
             raise IndexFileError(f"{path}: inconsistent hash index ({error})") from error

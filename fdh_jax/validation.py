@@ -173,6 +173,7 @@ FIELD_RULES: tuple[tuple[str, Callable, str], ...] = (
     ("eval.validation_by", _one_of(VALIDATION_BY), f"one of {', '.join(VALIDATION_BY)}"),
     ("eval.every", lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: only at the end)"),
     ("eval.select", _one_of(SELECTIONS), f"one of {', '.join(SELECTIONS)}"),
+    ("eval.adapt_descriptor_weight", _at_least(0), ">= 0 (0: the pooled features alone)"),
 )
 
 

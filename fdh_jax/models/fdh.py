@@ -30,7 +30,10 @@ class FDHMFE(nn.Module):
       `hash`: `{"K": [B, K] float32 in (-1, 1)}`; `hash_background`: same, in training
       with suppression only (the triplet loss's negatives; encoding skips that second pass);
       `class_logits`: `[B, C]` (with the classifier); `proxies`: `{"K": [C, K]}`
-      (with proxies); `mask`: `[B, h, w, 1]` (with suppression); `descriptor`: `[B, D]`.
+      (with proxies); `mask`: `[B, h, w, 1]` (with suppression); `descriptor`: `[B, D]`;
+      `pooled`: `[B, C5 channels]`, the backbone's C5 averaged over the foreground mask (over
+      the whole map without suppression), no parameters: what codes fitted to a collection of
+      classes never trained on start from (`fdh_jax.adaptation`).
     """
 
     num_classes: int
@@ -78,6 +81,7 @@ class FDHMFE(nn.Module):
                 stage_maps["C5"], temperature=self.mask_temperature, gradient=self.mask_gradient
             )
             outputs["mask"] = mask
+        outputs["pooled"] = _foreground_pooled(stage_maps["C5"], mask)
         descriptor, background = MultiLevelFeatures(
             stages=tuple(self.stages),
             node_dim=self.node_dim,
@@ -109,6 +113,15 @@ class FDHMFE(nn.Module):
                 self.num_classes, tuple(self.bits), self.proxy_seed, name="proxies"
             )()
         return outputs
+
+
+def _foreground_pooled(deepest_stage: jnp.ndarray, mask: jnp.ndarray | None) -> jnp.ndarray:
+    """`sum(F M) / sum(M)` over the map (the plain mean when `mask` is None), in float32."""
+    features = deepest_stage.astype(jnp.float32)
+    if mask is None:
+        return jnp.mean(features, axis=(1, 2))
+    weights = mask.astype(jnp.float32)
+    return jnp.sum(features * weights, axis=(1, 2)) / jnp.sum(weights, axis=(1, 2))
 
 
 def _unit(descriptor: jnp.ndarray) -> jnp.ndarray:
