@@ -66,6 +66,9 @@ flags.mark_flags_as_required(["workdir"])
 def _run_mode() -> None:
     # Imported here: keeps --help fast, and export/encode/search never import training code.
     mode, workdir, config, step = FLAGS.mode, FLAGS.workdir, FLAGS.config, FLAGS.step
+    if FLAGS.adapt and mode not in ("eval", "encode"):
+        # search takes the fit from the index; train and export have no collection to fit.
+        raise app.UsageError(f"--adapt applies to --mode=eval and --mode=encode, not {mode}")
     if mode == "train":
         if config is None:
             raise app.UsageError("--mode=train needs --config=CONFIG_FILE")

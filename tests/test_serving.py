@@ -178,6 +178,19 @@ def test_serving_failures_are_one_line(served):
     assert corrupt.returncode == 2 and corrupt.stderr.count("\n") == 1
     assert "variables.npz does not match its checksum" in corrupt.stderr
 
+    # Codes fitted to a collection need the model's features: an export refuses in one line.
+    adapted = _cli(
+        f"--workdir={tmp / 'export'}",
+        "--mode=encode",
+        f"--images={photos}",
+        f"--index={tmp / 'adapted.npz'}",
+        "--adapt",
+        check=False,
+    )
+    assert adapted.returncode == 2 and adapted.stderr.count("\n") == 1
+    assert "need the training workdir" in adapted.stderr
+    assert not (tmp / "adapted.npz").exists()
+
 
 def test_library_errors_name_what_is_wrong(served, tmp_path):
     tmp, workdir, photos, _ = served
