@@ -17,7 +17,8 @@ With `--run` it then, for each seed:
 3. and with `--adapt`: codes fitted to the unseen database without its labels
    (`fdh_jax/adaptation.py`, PCA-ITQ on the model's foreground-pooled C5 and descriptor);
 and fits the linear baselines of `feature_baselines.py` on pooled C5 features of the same frozen
-backbone: PCA-ITQ and LDA-ITQ fitted on the *seen* database and applied to the unseen species
+backbone: LSH (seeded random hyperplanes through the unseen database's mean), PCA-ITQ and
+LDA-ITQ fitted on the *seen* database and applied to the unseen species
 (the same information as the model had), and PCA-ITQ fitted on the unseen database itself
 (unsupervised, so it may see the collection it indexes). It prints one table of mAP@all x100,
 the model's row as mean +- std over the seeds.
@@ -97,6 +98,7 @@ def baselines(seen: Path, unseen: Path, bits: list[int], cache_dir: str) -> dict
     database, database_labels = features["unseen", "train"], sources["unseen", "train"].labels
     table = {}
     fits = {
+        "LSH centred on the unseen database": ("LSH", "unseen"),
         "PCA-ITQ fitted on the seen species": ("PCA-ITQ", "seen"),
         "LDA-ITQ fitted on the seen species": ("LDA-ITQ", "seen"),
         "PCA-ITQ fitted on the unseen database": ("PCA-ITQ", "unseen"),
