@@ -161,21 +161,28 @@ def encode_source(
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Codes of every item of `source`, in dataset order, on every process (see `map_source`;
     every item is checked to appear exactly once). Returns `({"K": int8 [N, K]}, labels [N])`."""
+    codes = _in_dataset_order(_encoder(model, mesh), variables, source, config, mesh)
+    return codes, np.asarray(source.labels, np.int32)
+
+
+def _in_dataset_order(
+    fn: Callable, variables: Any, source: Any, config: ml_collections.ConfigDict, mesh
+) -> dict[str, np.ndarray]:
+    """`map_source`'s outputs concatenated in dataset order, padding dropped; raises if an item
+    is missing or repeated."""
     chunks: dict[str, list[np.ndarray]] = {}
     positions = []
-    batches = map_source(_encoder(model, mesh), variables, source, config, mesh)
-    for batch_positions, codes in batches:
+    for batch_positions, outputs in map_source(fn, variables, source, config, mesh):
         positions.append(batch_positions)
-        for k, value in codes.items():
-            chunks.setdefault(k, []).append(value)
+        for name, value in outputs.items():
+            chunks.setdefault(name, []).append(value)
     num_items = len(source)
     position = np.concatenate(positions)
     real = position < num_items
     if not np.array_equal(np.sort(position[real]), np.arange(num_items)):
         raise RuntimeError("encoding lost or repeated items: the global batches are misassembled")
     order = np.argsort(position[real])
-    codes = {k: np.concatenate(v)[real][order] for k, v in chunks.items()}
-    return codes, np.asarray(source.labels, np.int32)
+    return {name: np.concatenate(v)[real][order] for name, v in chunks.items()}
 
 
 class Evaluation(NamedTuple):
@@ -248,19 +255,8 @@ def transfer_outputs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """`(pooled [N, C5], descriptor [N, D])` of every item of `source`, in dataset order: what
     `adaptation.transfer_features` combines."""
-    chunks: dict[str, list[np.ndarray]] = {"pooled": [], "descriptor": []}
-    positions = []
-    for batch_positions, outputs in map_source(
-        _transfer_encoder(model, mesh), variables, source, config, mesh
-    ):
-        positions.append(batch_positions)
-        for name, value in outputs.items():
-            chunks[name].append(value)
-    position = np.concatenate(positions)
-    real = position < len(source)
-    order = np.argsort(position[real])
-    pooled, descriptor = (np.concatenate(chunks[n])[real][order] for n in ("pooled", "descriptor"))
-    return pooled, descriptor
+    outputs = _in_dataset_order(_transfer_encoder(model, mesh), variables, source, config, mesh)
+    return outputs["pooled"], outputs["descriptor"]
 
 
 def evaluate_adapted(
