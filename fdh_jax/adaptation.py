@@ -123,12 +123,7 @@ def transfer_features(
     return np.concatenate(parts, axis=1)
 
 
-def with_descriptor_weight(config):
-    """`config` with `eval.adapt_descriptor_weight` set (to `DESCRIPTOR_WEIGHT` when a workdir
-    recorded before the field existed lacks it)."""
-    if "adapt_descriptor_weight" in config.eval:
-        return config
-    config = config.copy_and_resolve_references()
-    config.unlock()
-    config.eval.adapt_descriptor_weight = DESCRIPTOR_WEIGHT
-    return config
+def descriptor_weight(config) -> float:
+    """`eval.adapt_descriptor_weight` of a config (a ConfigDict or its JSON dict), or
+    `DESCRIPTOR_WEIGHT` for a workdir recorded before the field existed."""
+    return float(config["eval"].get("adapt_descriptor_weight", DESCRIPTOR_WEIGHT))

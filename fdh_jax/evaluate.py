@@ -270,7 +270,7 @@ def evaluate_adapted(
     """Like `evaluate`, with codes fitted to the database (`fdh_jax.adaptation`): per length, a
     PCA-ITQ fitted on the database's transfer features (no labels) hashes both splits."""
     adaptation.check_collection_size(len(database), max(int(k) for k in config.bits))
-    weight = float(adaptation.with_descriptor_weight(config).eval.adapt_descriptor_weight)
+    weight = adaptation.descriptor_weight(config)
     query_features, db_features = (
         adaptation.transfer_features(*transfer_outputs(model, variables, s, config, mesh), weight)
         for s in (query, database)
@@ -409,8 +409,7 @@ def evaluate_checkpoint(
     else:
         output_dir = workdir
     if adapt:
-        config = adaptation.with_descriptor_weight(config)
-        weight = float(config.eval.adapt_descriptor_weight)
+        weight = adaptation.descriptor_weight(config)
         name = Path(eval_data).resolve().name if eval_data else "train"
         output_dir = workdir / "eval" / f"{name}_adapted"
         extra |= {

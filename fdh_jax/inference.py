@@ -393,23 +393,20 @@ class Encoder:
 
     def transfer_features(self, source: Any, descriptor_weight: float) -> np.ndarray:
         """`fdh_jax.adaptation.transfer_features` of every item of `source`: `[N, F]`."""
-        raise EncoderRequestError(_NEEDS_WORKDIR)
+        raise EncoderRequestError(
+            "codes fitted to a collection (--adapt) need the training workdir: an export holds "
+            "only the hash heads' program"
+        )
 
     def index_fitted(self, source: Any, paths: Sequence[str], bits: int, labels: Any = None):
         """A `HashIndex` of codes fitted to `source` (PCA-ITQ on its transfer features, no
         labels; `fdh_jax.adaptation`): the index keeps the fit, which its queries go through."""
         from fdh_jax import adaptation  # noqa: PLC0415
 
-        if not isinstance(self, WorkdirEncoder):
-            raise EncoderRequestError(_NEEDS_WORKDIR)
         if int(bits) not in self.bits:
             raise EncoderRequestError(f"bits={bits}: this encoder has code lengths {self.bits}")
-        adaptation.check_collection_size(len(source), int(bits))
-        weight = float(
-            self.training_config["eval"].get(
-                "adapt_descriptor_weight", adaptation.DESCRIPTOR_WEIGHT
-            )
-        )
+        weight = adaptation.descriptor_weight(self.training_config)
+        # An export refuses here, before any work; too few images, in the fit.
         features = self.transfer_features(source, weight)
         fitted = adaptation.fit_pca_itq(features, int(bits), seed=0)
         index = self.index_codes(fitted(features), paths, labels)
@@ -476,12 +473,6 @@ class Encoder:
         if len(source) == 0:
             return index.search(np.zeros((0, index.bits), np.int8), k)
         return index.search(self.index_query_codes(index, source), k)
-
-
-_NEEDS_WORKDIR = (
-    "codes fitted to a collection (--adapt) need the training workdir: an export holds only the "
-    "hash heads' program"
-)
 
 
 class WorkdirEncoder(Encoder):

@@ -110,7 +110,7 @@ def trained(tmp_path_factory):
 
 def _features_one_by_one(encoder, config, split):
     """Transfer features of a split computed image by image, outside the batched path."""
-    weight = float(encoder.config.eval.adapt_descriptor_weight)
+    weight = adaptation.descriptor_weight(encoder.config)
     source = load_split(config, split)
     rows = []
     for i in range(len(source)):
@@ -130,7 +130,8 @@ def test_adapted_evaluation_fits_the_database_and_scores_the_queries(trained):
     assert written["mAP"] == results["mAP"] and "PCA-ITQ" in written["codes"]
 
     encoder = inference.restore_encoder(workdir)
-    assert float(encoder.config.eval.adapt_descriptor_weight) == adaptation.DESCRIPTOR_WEIGHT
+    assert adaptation.descriptor_weight(encoder.config) == adaptation.DESCRIPTOR_WEIGHT
+    assert adaptation.descriptor_weight({"eval": {}}) == adaptation.DESCRIPTOR_WEIGHT  # older runs
     db, db_source = _features_one_by_one(encoder, config, "train")
     query, query_source = _features_one_by_one(encoder, config, "test")
     for k in config.bits:
@@ -167,6 +168,30 @@ def test_adapted_index_keeps_its_fit_and_hashes_queries_through_it(trained, tmp_
     with pytest.raises(inference.EncoderRequestError, match="need the training workdir"):
         indexing.encode_to_index(export, tmp_path / "x.npz", split="train", adapt=True)
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_index_refuses_an_inconsistent_fit(tmp_path):
+    codes = np.ones((2, 4), np.int8)
+    with pytest.raises(ValueError, match="both code_mean and code_projection"):
+        HashIndex(codes=codes, labels=[0, 1], paths=["a", "b"], code_mean=np.zeros(3))
+    with pytest.raises(ValueError, match="does not map 3 features to 4 bits"):
+        HashIndex(
+            codes=codes,
+            labels=[0, 1],
+            paths=["a", "b"],
+            code_mean=np.zeros(3),
+            code_projection=np.zeros((3, 5)),
+        )
+    fitted = HashIndex(
+        codes=codes,
+        labels=[0, 1],
+        paths=["a", "b"],
+        code_mean=np.zeros(3),
+        code_projection=np.ones((3, 4)),
+    )
+    fitted.save(tmp_path / "fitted.npz")
+    loaded = HashIndex.load(tmp_path / "fitted.npz")
+    np.testing.assert_array_equal(loaded.code_projection, np.ones((3, 4)))
 
 
 def test_adapt_weight_is_validated(tiny):
