@@ -57,6 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.gnn_layers = 2  # L: graph-attention layers
     model.gnn_heads = 4  # attention heads per layer (node_dim must divide by it)
     model.use_classifier = True  # auxiliary classification head on the descriptor
+    model.flip_average = False  # encode each image with its mirror image (evaluation, serving)
     model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
 
     # ---------------------------------------------------------------- losses

@@ -121,7 +121,7 @@ def map_source(
             # global batch is `local_batch` of those.
             inputs = {k: v for k, v in element.items() if k not in ("label", "index")}
             for start in range(0, len(element["index"]), local_batch):
-                part = {k: v[start : start + local_batch] for k, v in inputs.items()}
+                part = jax.tree.map(lambda v, s=start: v[s : s + local_batch], inputs)
                 part["position"] = mine[done : done + local_batch]
                 batch = parallel.global_batch(part, mesh)
                 done += local_batch

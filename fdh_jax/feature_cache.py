@@ -15,7 +15,10 @@ views (random-resized crop with `data.crop_scale`, horizontal flip), drawn from 
 seeded by `(VIEW_SEED, image index, view)`. The views belong to the cache, not to a run: every
 run reuses them, and the run's seed chooses per step and slot which view an example uses
 (`fdh_jax.data.pipeline`), so training stays a pure function of `(seed, step)` and resumes
-exactly. The query split stores view 0 only. Compared with fresh crops at every step, training
+exactly. The query split stores view 0 only. With `model.flip_average` (test-time flip averaging)
+each split also gets an entry of one view, the mirror image of view 0, whose maps travel with
+view 0 under `"mirrored"`; it is a separate entry, so turning the switch on or off leaves the
+training views' entry (and training) as it is. Compared with fresh crops at every step, training
 sees `V` fixed crops per image; the count is the trade between augmentation and extraction time
 (README, "Real photos").
 
@@ -24,8 +27,9 @@ the maps depend on: the format version, the backbone (name, width, compute dtype
 its variables (so other weights, or another random initialisation, recompute), the stages, the
 image list (each file's path, size, modification time and mode), the source's own image
 transform, the view parameters (`image_size`, `eval_resize`, `crop_scale`, `horizontal_flip`,
-`V`, `VIEW_SEED`) and the storage dtype. Sources whose items are not files (TFDS records, the
-synthetic set) are not cached: they have nothing to stat.
+`V`, `VIEW_SEED`; `"mirrored": true` for a mirrored evaluation view) and the storage dtype.
+Sources whose items are not files (TFDS records, the synthetic set) are not cached: they have
+nothing to stat.
 
 **Files.** `manifest.json` (the key's inputs, shapes, and the SHA-256 of each `.npy`) and one
 `<stage>.npy` of float16 `[N, V, h, w, c]` per stage. An entry is written into a temporary
@@ -104,11 +108,18 @@ def _source_transform(source: Any) -> str | None:
 
 
 def entry_description(
-    config: ml_collections.ConfigDict, source: Any, paths: list[str], weights: str, views: int
+    config: ml_collections.ConfigDict,
+    source: Any,
+    paths: list[str],
+    weights: str,
+    views: int,
+    mirrored: bool = False,
 ) -> dict:
-    """Everything an entry's maps depend on (the key is the SHA-256 of this, as JSON)."""
+    """Everything an entry's maps depend on (the key is the SHA-256 of this, as JSON).
+    `mirrored`: the entry holds the mirror image of the evaluation view (one view)."""
     data, model = config.data, config.model
-    return {
+    # Only mirrored entries carry the field, so the keys of the others stay as they were.
+    return ({"mirrored": True} if mirrored else {}) | {
         "format_version": FORMAT_VERSION,
         "backbone": model.backbone,
         "width": int(model.width),
@@ -133,9 +144,16 @@ def entry_key(description: dict) -> str:
 
 
 def view_image(
-    image: np.ndarray, index: int, view: int, data: ml_collections.ConfigDict
+    image: np.ndarray,
+    index: int,
+    view: int,
+    data: ml_collections.ConfigDict,
+    mirrored: bool = False,
 ) -> np.ndarray:
-    """View `view` of image `index`: `uint8 [H, W, 3]` -> normalised float32 `[S, S, 3]`."""
+    """View `view` of image `index`: `uint8 [H, W, 3]` -> normalised float32 `[S, S, 3]`.
+    `mirrored`: the mirror image of the evaluation view (view 0)."""
+    if mirrored:
+        return eval_transform(image, data.image_size, data.eval_resize)[:, ::-1]
     if view == 0:
         return eval_transform(image, data.image_size, data.eval_resize)
     rng = np.random.default_rng([VIEW_SEED, index, view])
@@ -164,14 +182,16 @@ class _Views:
 class StageMapViews:
     """A source over cached stage maps: the images of `source`, `num_views` views each.
 
-    `source[i]` is image i's evaluation view `{"C3": float16 [h, w, c], ..., "label": int}`;
-    `view_inputs(i, v)` is view v (for training). Paths, labels and class names are the image
-    source's.
+    `source[i]` is image i's evaluation view `{"C3": float16 [h, w, c], ..., "label": int}`,
+    plus `"mirrored": {"C3": ..., ...}` (the mirror image's maps) once `with_mirrored` gave
+    them; `view_inputs(i, v)` is view v (for training). Paths, labels and class names are the
+    image source's.
     """
 
     def __init__(self, directory: Path, source: Any, stages: list[str], num_views: int):
         self.directory = directory
         self.maps = {s: np.load(directory / f"{s}.npy", mmap_mode="r") for s in stages}
+        self.mirrored: StageMapViews | None = None
         self.num_views = num_views
         self.labels = np.asarray(source.labels)
         self.paths = list(getattr(source, "paths", []))
@@ -185,11 +205,24 @@ class StageMapViews:
     def view_inputs(self, index: int, view: int) -> dict[str, np.ndarray]:
         return {s: np.asarray(m[index, view]) for s, m in self.maps.items()}
 
-    def __getitem__(self, index: int) -> dict:
-        return self.view_inputs(index, 0) | {"label": int(self.labels[index])}
+    def with_mirrored(self, mirrored: StageMapViews) -> StageMapViews:
+        """These views with the mirror images' maps (a one-view entry of the same images)."""
+        if len(mirrored) != len(self) or set(mirrored.maps) != set(self.maps):
+            raise ValueError(f"{mirrored.directory} does not mirror {self.directory}")
+        self.mirrored = mirrored
+        return self
 
-    def model_inputs(self, record: dict) -> dict[str, np.ndarray]:
-        return {s: record[s] for s in self.maps}
+    def __getitem__(self, index: int) -> dict:
+        record = self.view_inputs(index, 0) | {"label": int(self.labels[index])}
+        if self.mirrored is not None:
+            record["mirrored"] = self.mirrored.view_inputs(index, 0)
+        return record
+
+    def model_inputs(self, record: dict) -> dict:
+        inputs = {s: record[s] for s in self.maps}
+        if "mirrored" in record:
+            inputs["mirrored"] = record["mirrored"]
+        return inputs
 
 
 def _check_entry(directory: Path, description: dict) -> str | None:
@@ -243,8 +276,10 @@ def _extract(
     fn = _stage_map_function(model.backbone, model.width, model.dtype, tuple(stages), mesh)
     items = _Views(source, views)
 
+    mirrored = bool(description.get("mirrored", False))
+
     def transform(item: int, record: dict) -> dict:
-        image = view_image(record["image"], item // views, item % views, config.data)
+        image = view_image(record["image"], item // views, item % views, config.data, mirrored)
         return {"image": image}
 
     start, last_report, done = time.perf_counter(), 0.0, 0
@@ -261,7 +296,8 @@ def _extract(
             rate = done / max(now - start, 1e-9)
             _report(
                 f"Caching stage maps of {description['num_images']} {source.split} images x "
-                f"{views} view(s): {done}/{len(items)} | {rate:.0f} img/s | "
+                f"{views}{' mirrored' if mirrored else ''} view(s): {done}/{len(items)} | "
+                f"{rate:.0f} img/s | "
                 f"ETA {_format_seconds((len(items) - done) / max(rate, 1e-9))}"
             )
     for array in arrays.values():
@@ -308,14 +344,18 @@ def cached_stage_maps(
     mesh,
     views: int,
     root: Path,
+    mirrored: bool = False,
 ) -> StageMapViews | None:
     """The cached stage maps of `source` (computed now if absent or damaged), or None when the
-    source's items are not image files."""
+    source's items are not image files. `mirrored`: the mirror images of the evaluation view
+    (`views` must be 1)."""
+    if mirrored and views != 1:
+        raise ValueError(f"a mirrored entry holds one view, not {views}")
     paths = _file_paths(source)
     if paths is None:
         return None
     weights = variables_fingerprint(backbone_variables)
-    description = entry_description(config, source, paths, weights, views)
+    description = entry_description(config, source, paths, weights, views, mirrored)
     directory = root / "stage_maps" / entry_key(description)
     if directory.is_dir():
         problem = _check_entry(directory, description)
@@ -362,7 +402,8 @@ def cached_splits(
     """`(database, query)` as cached stage maps when the config asks for it, else unchanged.
 
     The database gets `data.cached_views` views (view 0 for evaluation, all for training), the
-    query view 0 only. Used when `model.freeze_backbone` and `data.feature_cache` is set.
+    query view 0 only; with `model.flip_average` both also get the mirror image of view 0. Used
+    when `model.freeze_backbone` and `data.feature_cache` is set.
     """
     root = cache_root(config.data.feature_cache)
     if not config.model.freeze_backbone or root is None:
@@ -374,4 +415,8 @@ def cached_splits(
     if cached_database is None or cached_query is None:
         _report("Stage maps are cached for datasets of image files only: computing them per step.")
         return database, query
+    if config.model.flip_average:
+        for cached, source in ((cached_database, database), (cached_query, query)):
+            mirrored = cached_stage_maps(config, source, backbone_variables, mesh, 1, root, True)
+            cached.with_mirrored(mirrored)
     return cached_database, cached_query

@@ -76,13 +76,14 @@ def micro_batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(None, "data"))
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict:
-    """This process's part of a batch -> global `jax.Array`s sharded over `data`."""
+def global_batch(local_batch: dict, mesh: jax.sharding.Mesh) -> dict:
+    """This process's part of a batch (a dict of `[b, ...]` arrays, possibly nested) -> global
+    `jax.Array`s sharded over `data`."""
     sharding = batch_sharding(mesh)
-    return {
-        key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-        for key, value in local_batch.items()
-    }
+    return jax.tree.map(
+        lambda value: jax.make_array_from_process_local_data(sharding, np.asarray(value)),
+        local_batch,
+    )
 
 
 CPU_CHUNK = 4  # examples per step of `map_in_chunks_on_cpu`

@@ -133,6 +133,7 @@ FIELD_RULES: tuple[tuple[str, Callable, str], ...] = (
     ("model.grid_size", _positive_integer, "an integer >= 1"),
     ("model.gnn_layers", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     ("model.gnn_heads", _positive_integer, "a positive integer"),
+    ("model.flip_average", _flag, "True or False"),
     ("model.use_classifier", _flag, "True or False"),
     ("model.dtype", _one_of(DTYPES), f"one of {', '.join(DTYPES)}"),
     ("loss.use_proxy", _flag, "True or False"),

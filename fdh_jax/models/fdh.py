@@ -34,6 +34,14 @@ class FDHMFE(nn.Module):
       `pooled`: `[B, C5 channels]`, the backbone's C5 averaged over the foreground mask (over
       the whole map without suppression), no parameters: what codes fitted to a collection of
       classes never trained on start from (`fdh_jax.adaptation`).
+
+    `flip_average`: outside training, every output is the mean of the image's and its mirror
+    image's (the mask stays the image's own), so codes binarise the sum of the two continuous
+    codes: test-time flip averaging (docs/design.md, "Evaluation protocol"). Stage maps
+    computed beforehand then carry the mirror image's maps too, under `"mirrored"`
+    (`{"C3": ..., "C5": ..., "mirrored": {"C3": ..., "C5": ...}}`); mirroring the maps instead
+    would change nothing, since everything after the backbone is invariant to it. Training is
+    unchanged.
     """
 
     num_classes: int
@@ -54,10 +62,45 @@ class FDHMFE(nn.Module):
     use_proxies: bool = True
     freeze_backbone: bool = False  # backbone BatchNorm keeps its (pretrained) statistics
     proxy_seed: int = 0
+    flip_average: bool = False
     dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
     def __call__(self, images: jnp.ndarray | dict, train: bool = False) -> dict:
+        if train or not self.flip_average:
+            if isinstance(images, dict):
+                images = {k: v for k, v in images.items() if k != "mirrored"}
+            return self.forward(images, train)
+        # One pass over the images and their mirror images, stacked along the batch.
+        if isinstance(images, dict):
+            if "mirrored" not in images:
+                raise ValueError(
+                    "flip averaging on precomputed stage maps needs the mirror image's maps "
+                    "under 'mirrored' (the feature cache stores them with model.flip_average)"
+                )
+            mirrored = images["mirrored"]
+            own = {k: v for k, v in images.items() if k != "mirrored"}
+            both = {k: jnp.concatenate([v, mirrored[k]]) for k, v in own.items()}
+            batch = jax.tree.leaves(own)[0].shape[0]
+        else:
+            both = jnp.concatenate([images, images[:, :, ::-1]])
+            batch = images.shape[0]  # may be symbolic (an exported program)
+        outputs = self.forward(both, train)
+
+        def mean(value):
+            return (value[:batch] + value[batch:]) / 2
+
+        averaged = {k: outputs[k] for k in ("proxies",) if k in outputs}
+        if "mask" in outputs:
+            averaged["mask"] = outputs["mask"][:batch]
+        for name in ("pooled", "descriptor", "class_logits"):
+            if name in outputs:
+                averaged[name] = mean(outputs[name])
+        averaged["hash"] = {k: mean(h) for k, h in outputs["hash"].items()}
+        return averaged
+
+    @nn.compact
+    def forward(self, images: jnp.ndarray | dict, train: bool = False) -> dict:
+        """The network on one batch (`__call__` without flip averaging)."""
         if isinstance(images, dict):  # precomputed stage maps of a frozen backbone
             missing = sorted({*self.stages, "C5"} - set(images))
             if missing:
@@ -169,5 +212,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> FDHMFE:
         use_proxies=config.loss.use_proxy,
         freeze_backbone=model.freeze_backbone,
         proxy_seed=config.seed,
+        # Absent from the records of runs made before it existed: those encode without it.
+        flip_average=bool(model.get("flip_average", False)),
         dtype=jnp.bfloat16 if model.dtype == "bfloat16" else jnp.float32,
     )
