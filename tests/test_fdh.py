@@ -9,7 +9,8 @@ from fdh_jax.models.backbones import get_backbone
 from fdh_jax.models.fdh import FDHMFE
 
 
-def _tiny(freeze_backbone: bool = False) -> FDHMFE:
+def _tiny(freeze_backbone: bool = False, **fields) -> FDHMFE:
+    """A model that runs in milliseconds on 32-px images; `fields` set other attributes."""
     return FDHMFE(
         num_classes=5,
         bits=(6, 10),
@@ -19,6 +20,7 @@ def _tiny(freeze_backbone: bool = False) -> FDHMFE:
         gnn_heads=2,
         gnn_layers=1,
         freeze_backbone=freeze_backbone,
+        **fields,
     )
 
 

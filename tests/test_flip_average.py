@@ -5,9 +5,9 @@ backbone on mirrored crops, and a cached run end to end against the encoder of i
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_fdh import _images, _tiny
 from test_feature_cache import backbone_variables, dataset, entries, frozen_config  # noqa: F401
 
 from fdh_jax import evaluate, feature_cache, inference, parallel
@@ -19,20 +19,7 @@ from fdh_jax.train import train_and_evaluate
 
 
 def _model(flip: bool) -> FDHMFE:
-    return FDHMFE(
-        num_classes=3,
-        bits=(8, 12),
-        backbone="resnet_narrow",
-        width=8,
-        node_dim=16,
-        gnn_heads=2,
-        gnn_layers=1,
-        flip_average=flip,
-    )
-
-
-def _images(seed: int = 0, batch: int = 3) -> jnp.ndarray:
-    return jax.random.normal(jax.random.key(seed), (batch, 32, 32, 3))
+    return _tiny(flip_average=flip)
 
 
 def test_flip_averaged_outputs_are_the_mean_of_the_image_and_its_mirror():
@@ -46,7 +33,7 @@ def test_flip_averaged_outputs_are_the_mean_of_the_image_and_its_mirror():
     own = plain.apply(variables, images)
     mirror = plain.apply(variables, images[:, :, ::-1])
     averaged = flipped.apply(variables, images)
-    for k in ("8", "12"):
+    for k in ("6", "10"):
         expected = (np.asarray(own["hash"][k]) + np.asarray(mirror["hash"][k])) / 2
         np.testing.assert_allclose(averaged["hash"][k], expected, rtol=1e-5, atol=1e-6)
         # Codes binarise the sum of the two continuous codes, not either pass alone.
@@ -56,7 +43,7 @@ def test_flip_averaged_outputs_are_the_mean_of_the_image_and_its_mirror():
         expected = (np.asarray(own[name]) + np.asarray(mirror[name])) / 2
         np.testing.assert_allclose(averaged[name], expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(averaged["mask"], own["mask"])  # the image's own mask
-    assert not np.allclose(own["hash"]["12"], mirror["hash"]["12"])  # the mirror does differ
+    assert not np.allclose(own["hash"]["10"], mirror["hash"]["10"])  # the mirror does differ
 
     # Training ignores the switch: the same outputs, background codes included.
     rngs = {"dropout": jax.random.key(2)}
@@ -78,7 +65,7 @@ def test_precomputed_maps_need_and_use_the_mirror_images_maps():
     mirrored = backbone.apply(backbone_vars, images[:, :, ::-1], train=False)
     from_maps = model.apply(variables, dict(maps) | {"mirrored": dict(mirrored)})
     from_images = model.apply(variables, images)
-    for k in ("8", "12"):
+    for k in ("6", "10"):
         np.testing.assert_allclose(
             from_maps["hash"][k], from_images["hash"][k], rtol=1e-5, atol=1e-6
         )
@@ -86,8 +73,8 @@ def test_precomputed_maps_need_and_use_the_mirror_images_maps():
     # mirroring its stage maps, so that would give the unmirrored codes again.
     mirrored_maps = {k: v[:, :, ::-1] for k, v in maps.items()}
     np.testing.assert_allclose(
-        model.apply(variables, dict(maps) | {"mirrored": mirrored_maps})["hash"]["12"],
-        _model(False).apply(variables, dict(maps))["hash"]["12"],
+        model.apply(variables, dict(maps) | {"mirrored": mirrored_maps})["hash"]["10"],
+        _model(False).apply(variables, dict(maps))["hash"]["10"],
         rtol=1e-5,
         atol=1e-6,
     )
@@ -96,8 +83,8 @@ def test_precomputed_maps_need_and_use_the_mirror_images_maps():
     # Without the switch the mirror image's maps are ignored.
     plain = _model(False)
     np.testing.assert_allclose(
-        plain.apply(variables, dict(maps) | {"mirrored": dict(mirrored)})["hash"]["12"],
-        plain.apply(variables, images)["hash"]["12"],
+        plain.apply(variables, dict(maps) | {"mirrored": dict(mirrored)})["hash"]["10"],
+        plain.apply(variables, images)["hash"]["10"],
         rtol=1e-5,
         atol=1e-6,
     )
