@@ -27,8 +27,8 @@ setup(
         "safetensors>=0.4",
         "tflite>=2.10",
         "scipy>=1.11",
-        "numba>=0.61",  # CPU search kernels: fdh_jax/retrieval.py, fdh_jax/multi_index.py
-        "tensorboard>=2.15",  # event files only (no TensorFlow): fdh_jax/summaries.py
+        "numba>=0.61",  # CPU search kernels: fdh_jax/search/
+        "tensorboard>=2.15",  # event files only (no TensorFlow): fdh_jax/training/summaries.py
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6", "faiss-cpu>=1.8", "huggingface_hub>=0.20"],

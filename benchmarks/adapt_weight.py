@@ -6,7 +6,7 @@
 validation_fraction=0.3`, `--config.eval.select=last`): a seeded share of its database's classes
 was never trained on, and half of each such class's images are validation queries, the other
 half the validation database (`fdh_jax.data.class_validation_split`). For every weight `w` this
-fits the collection codes of `fdh_jax.adaptation` (PCA-ITQ on `[unit(pooled C5), w *
+fits the collection codes of `fdh_jax.search.adaptation` (PCA-ITQ on `[unit(pooled C5), w *
 unit(descriptor)]`) on the held-out database half, without labels, and prints mAP@all x100 of
 the held-out queries per code length and the mean over lengths; the hash heads' own codes on
 the same split are the first row.
@@ -17,10 +17,13 @@ import time
 
 import numpy as np
 
-from fdh_jax import adaptation, evaluate, inference
 from fdh_jax.data import class_validation_split, load_splits
 from fdh_jax.data.decode import SubsetSource
-from fdh_jax.metrics import mean_average_precision
+from fdh_jax.encoding import encode_source, transfer_outputs
+from fdh_jax.evaluation.evaluate import score_codes
+from fdh_jax.evaluation.metrics import mean_average_precision
+from fdh_jax.search import adaptation
+from fdh_jax.serving.workdir_encoder import restore_encoder
 
 
 def main() -> None:
@@ -33,7 +36,7 @@ def main() -> None:
     weights = [float(w) for w in args.weights.split(",")]
 
     start = time.perf_counter()
-    encoder = inference.restore_encoder(args.workdir, args.step)
+    encoder = restore_encoder(args.workdir, args.step)
     config = encoder.config
     if config.eval.validation_by != "classes" or config.eval.validation_fraction <= 0:
         raise SystemExit(
@@ -53,14 +56,14 @@ def main() -> None:
         f"{len(query_ids)} queries, {len(db_ids)} database images"
     )
     outputs = {
-        name: evaluate.transfer_outputs(encoder.model, encoder.variables, s, config, encoder.mesh)
+        name: transfer_outputs(encoder.model, encoder.variables, s, config, encoder.mesh)
         for name, s in (("query", query), ("database", held))
     }
     bits = [int(k) for k in (args.bits.split(",") if args.bits else config.bits)]
     rows = {}
-    heads = evaluate.score_codes(
+    heads = score_codes(
         *(
-            evaluate.encode_source(encoder.model, encoder.variables, s, config, encoder.mesh)[0]
+            encode_source(encoder.model, encoder.variables, s, config, encoder.mesh)[0]
             for s in (query, held)
         ),
         query_labels,

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 
 from fdh_jax.data.sources.image_files import ImageFilesSource
-from fdh_jax.inference import export_encoder, load_encoder
+from fdh_jax.serving.export import export_encoder
+from fdh_jax.serving.load import load_encoder
 
 
 def main() -> None:

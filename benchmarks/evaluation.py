@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from fdh_jax.metrics import mean_average_precision
+from fdh_jax.evaluation.metrics import mean_average_precision
 
 NUM_QUERY, NUM_DB, BITS, NUM_CLASSES = 24_633, 23_929, 48, 555
 

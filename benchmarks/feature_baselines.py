@@ -29,12 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
-from fdh_jax.adaptation import binarise, itq_rotation, pca_projection
 from fdh_jax.data.sources import make_source
 from fdh_jax.data.transforms import eval_transform
-from fdh_jax.metrics import mean_average_precision
+from fdh_jax.evaluation.metrics import mean_average_precision
 from fdh_jax.models.backbones import get_backbone
 from fdh_jax.models.pretrained import load_pretrained
+from fdh_jax.search.adaptation import binarise, itq_rotation, pca_projection
 
 SHARED = Path(os.environ.get("FDH_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 

@@ -18,23 +18,23 @@ import types
 
 import numpy as np
 
-from fdh_jax import evaluate, feature_cache, inference, selection
 from fdh_jax.data import load_splits
+from fdh_jax.evaluation.evaluate import evaluate
+from fdh_jax.serving.workdir_encoder import restore_encoder
+from fdh_jax.training import feature_cache, selection
+from fdh_jax.training.checkpointing import checkpoint_steps
+from fdh_jax.training.workdir import read_training_record
 
 
 def scored_run(workdir: str) -> dict:
     """Validation scores of every validated checkpoint of `workdir`, with and without flip
     averaging; the step each selects and the query mAP there."""
-    recorded, _ = inference.read_training_record(workdir)
+    recorded, _ = read_training_record(workdir)
     config = recorded.copy_and_resolve_references()
     config.model.flip_average = True  # the cache then supplies the mirror images' maps too
     total = int(config.train.num_steps)
     every = int(config.eval.every)
-    steps = [
-        s
-        for s in inference.checkpoint_steps(workdir)
-        if s == total or (every > 0 and s % every == 0)
-    ]
+    steps = [s for s in checkpoint_steps(workdir) if s == total or (every > 0 and s % every == 0)]
     expected = sorted({*range(every, total + 1, every), total}) if every > 0 else [total]
     if steps != expected:
         missing = sorted(set(expected) - set(steps))
@@ -42,7 +42,7 @@ def scored_run(workdir: str) -> dict:
             f"{workdir}: no checkpoint of validated steps {missing}; train it with "
             f"--config.train.keep_checkpoints={len(expected)} or more"
         )
-    encoder = inference.restore_encoder(workdir, steps[-1], config)
+    encoder = restore_encoder(workdir, steps[-1], config)
     models = {flip: encoder.model.clone(flip_average=flip) for flip in (False, True)}
     splits = load_splits(config, ("train", "test"))
     backbone = {
@@ -58,7 +58,7 @@ def scored_run(workdir: str) -> dict:
     scores = {False: {}, True: {}}
     variables = {}
     for step in steps:
-        variables[step] = inference.restore_encoder(workdir, step, config).variables
+        variables[step] = restore_encoder(workdir, step, config).variables
         state = types.SimpleNamespace(**variables[step], ema_params=None)
         for flip, model in models.items():
             scores[flip][step] = selection.validation_scores(
@@ -72,9 +72,7 @@ def scored_run(workdir: str) -> dict:
     run = {}
     for flip, model in models.items():
         best = max(steps, key=lambda s, f=flip: (scores[f][s]["mean"], s))
-        evaluation = evaluate.evaluate(
-            model, variables[best], query, database, config, encoder.mesh
-        )
+        evaluation = evaluate(model, variables[best], query, database, config, encoder.mesh)
         run[flip] = {
             "step": best,
             "validation": scores[flip][best],

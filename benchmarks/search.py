@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fair import interleaved, machine_report, summary  # noqa: E402
 from clustered_codes import clustered_codes  # noqa: E402
 
-from fdh_jax.retrieval import MultiIndexHashing, hamming_topk  # noqa: E402
+from fdh_jax.search.multi_index import MultiIndexHashing
+from fdh_jax.search.scan import hamming_topk
 
 
 def make_codes(args: argparse.Namespace, num_db: int, bits: int) -> tuple[np.ndarray, ...]:

@@ -1,6 +1,6 @@
 """Train-step throughput: compile time and images/s of the jitted FDH-MFE update on this machine.
 
-Builds the state exactly as `fdh_jax.train` does (`create_train_state`, `make_optimizer`,
+Builds the state exactly as `fdh_jax.training` does (`create_train_state`, `make_optimizer`,
 `make_train_step`: one jit over the device mesh, state donated) for a config file plus overrides,
 and times steps on a fixed random batch (no input pipeline: see `benchmarks/input_pipeline.py` for
 that). Use it to size a run before launching it.
@@ -10,7 +10,7 @@ that). Use it to size a run before launching it.
       --set model.pretrained=/path/mobilenet_v2_1.0_224_ptq.tflite
 
 `--cached` times the step on precomputed float16 stage maps instead of images: what a frozen
-backbone's run does with the feature cache (`fdh_jax/feature_cache.py`).
+backbone's run does with the feature cache (`fdh_jax/training/feature_cache.py`).
 
 `--set FIELD=VALUE` takes any config field; VALUE is a Python literal (`True`, `256`, `(32,)`) or
 else a string. Weights (`model.pretrained`) only change the numbers where they change the
@@ -27,11 +27,12 @@ import jax
 import numpy as np
 
 from fdh_jax import parallel
+from fdh_jax.config_checks import validate_config
 from fdh_jax.config_files import load_config
 from fdh_jax.models.backbones import get_backbone
 from fdh_jax.models.fdh import build_model
-from fdh_jax.train import create_train_state, make_optimizer, make_train_step
-from fdh_jax.validation import validate_config
+from fdh_jax.training.optimizer import make_optimizer
+from fdh_jax.training.step import create_train_state, make_train_step
 
 REPO = Path(__file__).resolve().parents[1]
 

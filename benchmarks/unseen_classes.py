@@ -15,7 +15,7 @@ With `--run` it then, for each seed:
 2. scores that model on the unseen species with `--mode=eval --eval_data=OUT/unseen`: the
    unseen database is hashed and ranked for the unseen queries;
 3. and with `--adapt`: codes fitted to the unseen database without its labels
-   (`fdh_jax/adaptation.py`, PCA-ITQ on the model's foreground-pooled C5 and descriptor);
+   (`fdh_jax/search/adaptation.py`, PCA-ITQ on the model's foreground-pooled C5 and descriptor);
 and fits the linear baselines of `feature_baselines.py` on pooled C5 features of the same frozen
 backbone: LSH (seeded random hyperplanes through the unseen database's mean), PCA-ITQ and
 LDA-ITQ fitted on the *seen* database and applied to the unseen species
@@ -38,7 +38,7 @@ from feature_baselines import SHARED, cached_features, hash_codes
 from seeds import markdown_row
 
 from fdh_jax.data.sources import make_source
-from fdh_jax.metrics import mean_average_precision
+from fdh_jax.evaluation.metrics import mean_average_precision
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = [  # the README's real-photo command, less --workdir and --config.data.root

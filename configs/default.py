@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.num_threads = 8  # grain read threads per process
     data.prefetch = 2  # batches prefetched ahead of the train step
     # A frozen backbone's stage maps are computed once per image and view and stored here
-    # (fdh_jax/feature_cache.py): "auto" = $FDH_JAX_CACHE, else ~/.cache/fdh_jax; "" = off.
+    # (fdh_jax/training/feature_cache.py): "auto" = $FDH_JAX_CACHE, else ~/.cache/fdh_jax; "" = off.
     data.feature_cache = "auto"
     data.cached_views = 4  # stored views per training image: the evaluation view + 3 random crops
     # The built-in synthetic fine-grained set (used by configs/demo.py).
@@ -94,7 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Exponential moving average of the parameters, used for validation, evaluation and serving
     # (0 = off). The rate after t updates is min(d, (1 + t) / (10 + t)): an average over about
     # the last (10 + t) / 9 steps until t = (10d - 1) / (1 - d) (1,790 for d = 0.995), then
-    # over about 1 / (1 - d) steps (`fdh_jax.train.ema_rate`).
+    # over about 1 / (1 - d) steps (`fdh_jax.training.optimizer.ema_rate`).
     train.ema_decay = 0.0
     train.log_every = 50  # steps between metric lines
     train.checkpoint_every = 500  # steps between checkpoints (the last step is always saved)
@@ -115,7 +115,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ev.every = 0  # steps between validation scores (0 = at the last step only)
     ev.select = "last"  # last | best: the checkpoint scored and served (best validation mAP)
     # `--mode=eval --adapt`: codes fitted to a collection of new classes (PCA-ITQ on the
-    # foreground-pooled C5 and this weight times the trained descriptor; fdh_jax/adaptation.py,
-    # which keeps the same value for older workdirs).
+    # foreground-pooled C5 and this weight times the trained descriptor;
+    # fdh_jax/search/adaptation.py, which keeps the same value for older workdirs).
     ev.adapt_descriptor_weight = 0.3
     return config

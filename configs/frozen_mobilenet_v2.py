@@ -4,10 +4,10 @@
       --config.data.root=DIR --config.model.pretrained=mobilenet_v2_1.0_224_ptq.tflite
 
 Only background suppression, the multi-level graph and the heads learn; the backbone's stage maps
-come from the feature cache (`fdh_jax/feature_cache.py`), so a run costs minutes on a laptop CPU
-after the first. The recipe was chosen on a validation split of the database only (10% per
-class, scored every `eval.every` steps; the checkpoint with the best validation mAP is the one
-evaluated and served): the choices and what each was worth are in BENCHMARKS.md, "Frozen
+come from the feature cache (`fdh_jax/training/feature_cache.py`), so a run costs minutes on a
+laptop CPU after the first. The recipe was chosen on a validation split of the database only (10%
+per class, scored every `eval.every` steps; the checkpoint with the best validation mAP is the
+one evaluated and served): the choices and what each was worth are in BENCHMARKS.md, "Frozen
 MobileNetV2 recipe". The query split plays no part in any choice.
 """
 

@@ -11,12 +11,14 @@
     codes = encoder.encode_images(["a.jpg", "b.jpg"])
     hash_fn = fdh_jax.fit_pca_itq(fdh_jax.transfer_features(pooled, z, 0.3), bits=48)  # new classes
 
-Re-exports only; each name lives in the module named for what it is. The names are imported on
-first use, so that `fdh_jax.load_encoder(export_dir)` needs only jax, numpy and Pillow (no
-Flax, no model code): see `fdh_jax/inference.py`.
+Re-exports only; each name lives in the module named for what it is (docs/design.md, "Module
+map"): `models/`, `data/`, `search/` (codes, exact search, indexes), `encoding.py` (running a
+model over a source), `evaluation/`, `training/`, `serving/` (trained encoders, export). The
+names are imported on first use, so that `fdh_jax.load_encoder(export_dir)` needs only jax,
+numpy and Pillow (no Flax, no model code): see `fdh_jax/serving/exported_encoder.py`.
 """
 
-from fdh_jax.lazy import lazy_exports
+from fdh_jax.common.lazy import lazy_exports
 
 _EXPORTS = {
     "FDHMFE": "fdh_jax.models.fdh",
@@ -27,14 +29,17 @@ _EXPORTS = {
     "load_config": "fdh_jax.config_files",
     "load_split": "fdh_jax.data",
     "make_source": "fdh_jax.data",
-    "encode": "fdh_jax.evaluate",
-    "evaluate_checkpoint": "fdh_jax.evaluate",
-    "fit_pca_itq": "fdh_jax.adaptation",
-    "transfer_features": "fdh_jax.adaptation",
-    "mean_average_precision": "fdh_jax.metrics",
-    "train_and_evaluate": "fdh_jax.train",
-    "load_encoder": "fdh_jax.inference",
-    "export_encoder": "fdh_jax.inference",
+    "encode": "fdh_jax.encoding",
+    "fit_pca_itq": "fdh_jax.search.adaptation",
+    "transfer_features": "fdh_jax.search.adaptation",
+    "hamming_topk": "fdh_jax.search.scan",
+    "HashIndex": "fdh_jax.search.hash_index",
+    "MultiIndexHashing": "fdh_jax.search.multi_index",
+    "mean_average_precision": "fdh_jax.evaluation.metrics",
+    "train_and_evaluate": "fdh_jax.training.train",
+    "evaluate_checkpoint": "fdh_jax.serving.evaluate_workdir",
+    "load_encoder": "fdh_jax.serving.load",
+    "export_encoder": "fdh_jax.serving.export",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -7,7 +7,7 @@ Modes:
   encode  hash an image folder (`--images`) or a split (`--split`) into `--index`; --adapt fits
           the codes to those images (new classes)
   search  rank `--index` for the image(s) at `--query`, print the top `--topk`
-  export  serialise the encoder into `--export_dir` (jax.export; see fdh_jax/inference.py)
+  export  serialise the encoder into `--export_dir` (jax.export; see fdh_jax/serving/export.py)
 Only training needs `--config`: the other modes read the model from the workdir (config.json,
 model.json, checkpoints), which training writes and nothing else rewrites; encode and search
 also take an export directory as `--workdir`. Given to another mode, `--config` supplies the data
@@ -46,7 +46,8 @@ flags.DEFINE_string("eval_data", None, "eval: a folder dataset to score instead 
 flags.DEFINE_bool(
     "adapt",
     False,
-    "eval: score codes fitted to the database without labels (PCA-ITQ, fdh_jax/adaptation.py) "
+    "eval: score codes fitted to the database without labels (PCA-ITQ, "
+    "fdh_jax/search/adaptation.py) "
     "instead of the hash heads' codes; encode: fit the index's codes to its images (for classes "
     "the model never trained on; search then uses the fit). Needs a training workdir.",
 )
@@ -64,7 +65,9 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def _run_mode() -> None:
-    # Imported here: keeps --help fast, and export/encode/search never import training code.
+    """Runs `--mode`. Each mode's module is imported here, when chosen, not at the top of this
+    file: `--help` and flag errors stay fast, and the serving modes never import the training
+    loop."""
     mode, workdir, config, step = FLAGS.mode, FLAGS.workdir, FLAGS.config, FLAGS.step
     if FLAGS.adapt and mode not in ("eval", "encode"):
         # search takes the fit from the index; train and export have no collection to fit.
@@ -72,26 +75,26 @@ def _run_mode() -> None:
     if mode == "train":
         if config is None:
             raise app.UsageError("--mode=train needs --config=CONFIG_FILE")
-        from fdh_jax import train  # noqa: PLC0415
+        from fdh_jax.training import train  # noqa: PLC0415
 
         train.train_and_evaluate(config, workdir)
     elif mode == "eval":
-        from fdh_jax import evaluate  # noqa: PLC0415
+        from fdh_jax.serving import evaluate_workdir  # noqa: PLC0415
 
-        evaluate.evaluate_checkpoint(
+        evaluate_workdir.evaluate_checkpoint(
             workdir, config, eval_data=FLAGS.eval_data, step=step, adapt=FLAGS.adapt
         )
     elif mode == "export":
         if not FLAGS.export_dir:
             raise app.UsageError("--mode=export needs --export_dir=DIR")
-        from fdh_jax import inference  # noqa: PLC0415
+        from fdh_jax.serving import export  # noqa: PLC0415
 
-        path = inference.export_encoder(workdir, FLAGS.export_dir, step)
+        path = export.export_encoder(workdir, FLAGS.export_dir, step)
         print(f"Exported the encoder of {workdir} to {path}", flush=True)
     elif mode == "encode":
         if not FLAGS.index:
             raise app.UsageError("--mode=encode needs --index=FILE")
-        from fdh_jax import indexing  # noqa: PLC0415
+        from fdh_jax.serving import indexing  # noqa: PLC0415
 
         indexing.encode_to_index(
             workdir,
@@ -106,7 +109,7 @@ def _run_mode() -> None:
     else:
         if not (FLAGS.index and FLAGS.query):
             raise app.UsageError("--mode=search needs --index=FILE and --query=IMAGE_OR_FOLDER")
-        from fdh_jax import indexing  # noqa: PLC0415
+        from fdh_jax.serving import indexing  # noqa: PLC0415
 
         hits = indexing.search_index(workdir, FLAGS.index, FLAGS.query, topk=FLAGS.topk, step=step)
         print(indexing.format_search(hits), flush=True)
@@ -116,6 +119,8 @@ PREEMPTED_EXIT_STATUS = 143  # 128 + SIGTERM: not finished, so schedulers and lo
 
 
 def main(argv):
+    """The command line after flag parsing. JAX (`parallel`) and the training errors are imported
+    here, after the flags are parsed, to keep `--help` and flag errors fast."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if "://" in FLAGS.workdir:  # pathlib would silently turn gs://b/x into the local gs:/b/x
@@ -132,7 +137,7 @@ def main(argv):
     parallel.initialize_distributed(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
     )
-    from fdh_jax.checkpointing import Preempted  # noqa: PLC0415
+    from fdh_jax.training.checkpointing import Preempted  # noqa: PLC0415
 
     # Progress is printed by fdh_jax itself; library INFO logs (Orbax, grain) are noise here.
     logging.set_verbosity(logging.WARNING)
@@ -158,19 +163,23 @@ def main(argv):
 
 
 def _expected_errors() -> tuple[type[Exception], ...]:
-    """What a user can cause and fix (bad config, data, weights, files): one line, exit 2."""
-    from fdh_jax.adaptation import CollectionTooSmallError  # noqa: PLC0415
-    from fdh_jax.checkpointing import DamagedCheckpointsError  # noqa: PLC0415
+    """What a user can cause and fix (bad config, data, weights, files): one line, exit 2.
+
+    The error classes are imported here, when an error is caught, not at the top: their modules
+    import JAX, Orbax and the data sources, which `--help` need not wait for.
+    """
+    from fdh_jax.config_checks import ConfigError  # noqa: PLC0415
     from fdh_jax.data.decode import BadImageError, BadImagesFoundError  # noqa: PLC0415
     from fdh_jax.data.sources import DatasetNotFoundError, SplitSizeMismatchError  # noqa: PLC0415
-    from fdh_jax.inference import (  # noqa: PLC0415
-        EncoderRequestError,
-        ModelFileError,
+    from fdh_jax.models.pretrained import PretrainedWeightsError  # noqa: PLC0415
+    from fdh_jax.search.adaptation import CollectionTooSmallError  # noqa: PLC0415
+    from fdh_jax.search.bits import IndexFileError  # noqa: PLC0415
+    from fdh_jax.serving.encoder import EncoderRequestError  # noqa: PLC0415
+    from fdh_jax.training.checkpointing import (  # noqa: PLC0415
+        DamagedCheckpointsError,
         NoCheckpointError,
     )
-    from fdh_jax.models.pretrained import PretrainedWeightsError  # noqa: PLC0415
-    from fdh_jax.retrieval import IndexFileError  # noqa: PLC0415
-    from fdh_jax.validation import ConfigError  # noqa: PLC0415
+    from fdh_jax.training.workdir import ModelFileError  # noqa: PLC0415
 
     return (
         ConfigError,

@@ -17,7 +17,9 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 
 def _on_cloud_tpu() -> bool:
-    try:  # the check `jax.distributed.initialize` itself uses for Cloud TPU VMs
+    """Whether this is a Cloud TPU VM, by the check `jax.distributed.initialize` itself uses. It
+    is imported from JAX's private modules here, inside a `try`, since it may move or vanish."""
+    try:
         from jax._src.cloud_tpu_init import running_in_cloud_tpu_vm  # noqa: PLC0415
     except ImportError:
         return False

@@ -27,9 +27,10 @@ from conftest import tiny_config  # noqa: E402
 from fdh_jax import parallel  # noqa: E402
 from fdh_jax.data import load_split  # noqa: E402
 from fdh_jax.data.transforms import eval_transform  # noqa: E402
-from fdh_jax.losses import total_loss  # noqa: E402
 from fdh_jax.models.fdh import build_model  # noqa: E402
-from fdh_jax.train import create_train_state, make_optimizer, make_train_step  # noqa: E402
+from fdh_jax.training.losses import total_loss
+from fdh_jax.training.optimizer import make_optimizer
+from fdh_jax.training.step import create_train_state, make_train_step
 
 ACCUM = 4
 

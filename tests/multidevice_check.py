@@ -19,7 +19,8 @@ from fdh_jax import parallel  # noqa: E402
 from fdh_jax.data import load_split  # noqa: E402
 from fdh_jax.data.pipeline import iterate, train_dataset  # noqa: E402
 from fdh_jax.models.fdh import build_model  # noqa: E402
-from fdh_jax.train import create_train_state, make_optimizer, make_train_step  # noqa: E402
+from fdh_jax.training.optimizer import make_optimizer
+from fdh_jax.training.step import create_train_state, make_train_step
 
 
 def run(devices, num_steps=3):

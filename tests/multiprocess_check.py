@@ -37,7 +37,8 @@ def main(phase: str, workdir: Path) -> int:
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    from fdh_jax import checkpointing, evaluate, train  # noqa: PLC0415
+    from fdh_jax.evaluation import evaluate  # noqa: PLC0415
+    from fdh_jax.training import checkpointing, train  # noqa: PLC0415
 
     assert jax.process_count() == 2 and jax.device_count() == 4, jax.devices()
     config = check_config()

@@ -9,11 +9,12 @@ import pytest
 from conftest import run_on_fake_devices, tiny_config
 
 from fdh_jax import parallel
+from fdh_jax.config_checks import ConfigError, validate_config
 from fdh_jax.data import load_split
 from fdh_jax.data.pipeline import iterate, train_dataset
 from fdh_jax.models.fdh import build_model
-from fdh_jax.train import create_train_state, make_optimizer, make_train_step
-from fdh_jax.validation import ConfigError, validate_config
+from fdh_jax.training.optimizer import make_optimizer
+from fdh_jax.training.step import create_train_state, make_train_step
 
 
 def test_accumulation_on_four_devices_matches_references():

@@ -1,5 +1,5 @@
-"""Codes fitted to a collection (`fdh_jax.adaptation`, `--mode=eval --adapt`): PCA-ITQ against
-hand-made cases and NumPy references, the model's foreground-pooled C5, and the eval mode's
+"""Codes fitted to a collection (`fdh_jax.search.adaptation`, `--mode=eval --adapt`): PCA-ITQ
+against hand-made cases and NumPy references, the model's foreground-pooled C5, and the eval mode's
 plumbing against features computed image by image."""
 
 import json
@@ -10,13 +10,19 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from fdh_jax import adaptation, evaluate, indexing, inference, train
+from fdh_jax.config_checks import ConfigError, validate_config
 from fdh_jax.data import load_split
 from fdh_jax.data.transforms import eval_transform
-from fdh_jax.metrics import mean_average_precision
+from fdh_jax.evaluation.metrics import mean_average_precision
 from fdh_jax.models.fdh import FDHMFE
-from fdh_jax.retrieval import HashIndex
-from fdh_jax.validation import ConfigError, validate_config
+from fdh_jax.search import adaptation
+from fdh_jax.search.hash_index import HashIndex
+from fdh_jax.serving import indexing
+from fdh_jax.serving.encoder import EncoderRequestError
+from fdh_jax.serving.evaluate_workdir import evaluate_checkpoint
+from fdh_jax.serving.export import export_encoder
+from fdh_jax.serving.workdir_encoder import restore_encoder
+from fdh_jax.training import train
 
 
 def test_pca_keeps_the_directions_of_largest_variance():
@@ -124,12 +130,12 @@ def _features_one_by_one(encoder, config, split):
 def test_adapted_evaluation_fits_the_database_and_scores_the_queries(trained):
     config, workdir = trained
     before = (workdir / "results.json").read_text()
-    results = evaluate.evaluate_checkpoint(workdir, adapt=True)
+    results = evaluate_checkpoint(workdir, adapt=True)
     assert (workdir / "results.json").read_text() == before  # the training results stay
     written = json.loads((workdir / "eval" / "train_adapted" / "results.json").read_text())
     assert written["mAP"] == results["mAP"] and "PCA-ITQ" in written["codes"]
 
-    encoder = inference.restore_encoder(workdir)
+    encoder = restore_encoder(workdir)
     assert adaptation.descriptor_weight(encoder.config) == adaptation.DESCRIPTOR_WEIGHT
     assert adaptation.descriptor_weight({"eval": {}}) == adaptation.DESCRIPTOR_WEIGHT  # older runs
     db, db_source = _features_one_by_one(encoder, config, "train")
@@ -149,7 +155,7 @@ def test_adapted_index_keeps_its_fit_and_hashes_queries_through_it(trained, tmp_
     index = HashIndex.load(path)
     assert json.loads(index.encoder_json)["descriptor_weight"] == adaptation.DESCRIPTOR_WEIGHT
 
-    encoder = inference.restore_encoder(workdir)
+    encoder = restore_encoder(workdir)
     db, _ = _features_one_by_one(encoder, config, "train")
     fitted = adaptation.fit_pca_itq(db, 12, seed=0)
     np.testing.assert_array_equal(index.codes, fitted(db))
@@ -164,8 +170,8 @@ def test_adapted_index_keeps_its_fit_and_hashes_queries_through_it(trained, tmp_
     assert not np.array_equal(heads_index.codes, index.codes)
 
     # An export has only the heads' program: a clear refusal, nothing written.
-    export = inference.export_encoder(workdir, tmp_path / "export")
-    with pytest.raises(inference.EncoderRequestError, match="need the training workdir"):
+    export = export_encoder(workdir, tmp_path / "export")
+    with pytest.raises(EncoderRequestError, match="need the training workdir"):
         indexing.encode_to_index(export, tmp_path / "x.npz", split="train", adapt=True)
     assert not (tmp_path / "x.npz").exists()
 

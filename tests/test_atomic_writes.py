@@ -6,16 +6,16 @@ import sys
 
 import numpy as np
 
-from fdh_jax.evaluate import write_results
-from fdh_jax.retrieval import HashIndex
+from fdh_jax.evaluation.results import write_results
+from fdh_jax.search.hash_index import HashIndex
 
 # Writes the second version with the final rename replaced by SIGKILL: the process dies with
 # the new content fully written to a temporary file, at the last moment before it would count.
 _KILLED_WRITE = """
 import os, signal, sys
 import numpy as np
-from fdh_jax.evaluate import write_results
-from fdh_jax.retrieval import HashIndex
+from fdh_jax.evaluation.results import write_results
+from fdh_jax.search.hash_index import HashIndex
 os.replace = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
 target = sys.argv[1]
 if target.endswith(".json"):

@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import REPO, tiny_config
 
-from fdh_jax import checkpointing, train
+from fdh_jax.training import checkpointing, train
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,8 @@ FLAGS = [
 _FULL_DISK = """
 import errno, sys
 from absl import app
-from fdh_jax import checkpointing, main
+from fdh_jax import main
+from fdh_jax.training import checkpointing
 save = checkpointing.save_checkpoint
 def save_or_fail(manager, step, *rest):
     if step == 6:

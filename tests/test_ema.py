@@ -8,10 +8,15 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from fdh_jax import checkpointing, evaluate, inference, parallel, selection, train
+from fdh_jax import parallel
 from fdh_jax.data import load_split
 from fdh_jax.data.pipeline import iterate, train_dataset
+from fdh_jax.evaluation.evaluate import evaluate
 from fdh_jax.models.fdh import build_model
+from fdh_jax.serving.workdir_encoder import restore_encoder
+from fdh_jax.training import checkpointing, selection, train
+from fdh_jax.training.optimizer import make_optimizer, update_ema
+from fdh_jax.training.step import create_train_state, make_train_step, state_variables
 
 
 def _numpy_leaves(tree) -> list[np.ndarray]:
@@ -25,12 +30,12 @@ def test_moving_average_follows_a_numpy_loop_and_keeps_still_leaves_exact():
     source = load_split(config, "train")
     model = build_model(config, source.num_classes)
     mesh = parallel.make_mesh(jax.devices()[:1])
-    state = train.create_train_state(config, model, train.make_optimizer(config, num_steps), mesh)
+    state = create_train_state(config, model, make_optimizer(config, num_steps), mesh)
     initial = _numpy_leaves(state.params)
     for a, b in zip(initial, _numpy_leaves(state.ema_params), strict=True):
         np.testing.assert_array_equal(a, b)  # the average starts at the initial parameters
 
-    step_fn = train.make_train_step(config, mesh, num_steps, donate=False)
+    step_fn = make_train_step(config, mesh, num_steps, donate=False)
     batches = iterate(train_dataset(source, config, num_steps))
     expected = initial
     for t in range(1, num_steps + 1):
@@ -46,7 +51,7 @@ def test_moving_average_follows_a_numpy_loop_and_keeps_still_leaves_exact():
 
     # A leaf that never changes keeps its exact value (a frozen backbone's weights).
     still = {"w": jax.numpy.full((3,), 0.1, jax.numpy.float32)}
-    out = train.update_ema(still, still, 0.999, jax.numpy.asarray(7))
+    out = update_ema(still, still, 0.999, jax.numpy.asarray(7))
     np.testing.assert_array_equal(np.asarray(out["w"]), np.asarray(still["w"]))
 
 
@@ -54,9 +59,9 @@ def test_without_a_moving_average_the_state_tree_is_unchanged():
     config = tiny_config(1)
     model = build_model(config, 4)
     mesh = parallel.make_mesh(jax.devices()[:1])
-    state = train.create_train_state(config, model, train.make_optimizer(config, 1), mesh)
+    state = create_train_state(config, model, make_optimizer(config, 1), mesh)
     assert state.ema_params is None  # old checkpoints (no such field) restore as before
-    variables = evaluate.state_variables(state)
+    variables = state_variables(state)
     assert variables["params"] is state.params
 
 
@@ -75,8 +80,8 @@ def _restored_state(config, workdir, step):
     source = load_split(config, "train")
     model = build_model(config, source.num_classes)
     mesh = parallel.make_mesh(jax.devices()[:1])
-    template = train.create_train_state(
-        config, model, train.make_optimizer(config, config.train.num_steps), mesh
+    template = create_train_state(
+        config, model, make_optimizer(config, config.train.num_steps), mesh
     )
     manager = checkpointing.checkpoint_manager(workdir, config)
     try:
@@ -93,7 +98,7 @@ def test_validation_evaluation_and_serving_use_the_moving_average(averaged_run):
     assert state.ema_params is not None
 
     # Serving restores the average, not the raw parameters.
-    encoder = inference.restore_encoder(workdir)
+    encoder = restore_encoder(workdir)
     assert encoder.step == step
     served = _numpy_leaves(encoder.variables["params"])
     for got, want in zip(served, _numpy_leaves(state.ema_params), strict=True):
@@ -110,7 +115,7 @@ def test_validation_evaluation_and_serving_use_the_moving_average(averaged_run):
     # The reported query mAP is that of the average's codes.
     query, database = load_split(config, "test"), load_split(config, "train")
     averaged = {"params": state.ema_params, "batch_stats": state.batch_stats}
-    scored = evaluate.evaluate(model, averaged, query, database, config, mesh)
+    scored = evaluate(model, averaged, query, database, config, mesh)
     assert scored.results["mAP"] == pytest.approx(results["mAP"], abs=1e-6)
 
 

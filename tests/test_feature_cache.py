@@ -14,10 +14,11 @@ from conftest import REPO, load_config, shrink
 from PIL import Image
 from test_pretrained_training import write_folder_dataset
 
-from fdh_jax import feature_cache, parallel
+from fdh_jax import parallel
 from fdh_jax.data import load_splits
 from fdh_jax.models.backbones import get_backbone
-from fdh_jax.train import train_and_evaluate
+from fdh_jax.training import feature_cache
+from fdh_jax.training.train import train_and_evaluate
 
 VIEWS = 3
 
@@ -167,7 +168,8 @@ import os, signal, sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 from test_feature_cache import frozen_config
-from fdh_jax import checkpointing, train
+from fdh_jax.training import checkpointing
+from fdh_jax.training import train
 save = checkpointing.save_checkpoint
 def save_then_die(manager, step, state, progress, *rest):
     save(manager, step, state, progress, *rest)

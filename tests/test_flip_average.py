@@ -10,12 +10,18 @@ import pytest
 from test_fdh import _images, _tiny
 from test_feature_cache import backbone_variables, dataset, entries, frozen_config  # noqa: F401
 
-from fdh_jax import evaluate, feature_cache, inference, parallel
+from fdh_jax import parallel
 from fdh_jax.data import load_splits
 from fdh_jax.data.transforms import eval_transform
+from fdh_jax.encoding import encode_source
+from fdh_jax.evaluation.metrics import mean_average_precision
 from fdh_jax.models.backbones import get_backbone
 from fdh_jax.models.fdh import FDHMFE, binarize
-from fdh_jax.train import train_and_evaluate
+from fdh_jax.serving.export import export_encoder
+from fdh_jax.serving.exported_encoder import load_export
+from fdh_jax.serving.workdir_encoder import restore_encoder
+from fdh_jax.training import feature_cache
+from fdh_jax.training.train import train_and_evaluate
 
 
 def _model(flip: bool) -> FDHMFE:
@@ -135,7 +141,7 @@ def test_cached_flip_averaged_run_scores_what_its_workdir_encoder_encodes(datase
     assert len(entries(cache)) == 4  # database (training views), query, and both mirrored
 
     # The workdir's encoder works on images and mirrors them itself (no cache involved).
-    encoder = inference.restore_encoder(tmp_path / "run")
+    encoder = restore_encoder(tmp_path / "run")
     assert encoder.model.flip_average
     splits = load_splits(config, ("train", "test"))
     from_images = encoder.encode_source(splits["train"])
@@ -146,14 +152,12 @@ def test_cached_flip_averaged_run_scores_what_its_workdir_encoder_encodes(datase
     cached, _ = feature_cache.cached_splits(
         config, splits["train"], splits["test"], variables, encoder.mesh
     )
-    from_cache, _ = evaluate.encode_source(
-        encoder.model, encoder.variables, cached, config, encoder.mesh
-    )
+    from_cache, _ = encode_source(encoder.model, encoder.variables, cached, config, encoder.mesh)
     for k in map(str, config.bits):
         # Stage maps are stored as float16: a bit whose code is within rounding of 0 may differ.
         assert np.mean(from_cache[k] == from_images[k]) > 0.97
     # The export's program mirrors too: the same codes from the same images.
-    export = inference.load_export(inference.export_encoder(tmp_path / "run", tmp_path / "export"))
+    export = load_export(export_encoder(tmp_path / "run", tmp_path / "export"))
     assert export.training_config["model"]["flip_average"] is True
     exported = export.encode_source(splits["train"])
     for k in map(str, config.bits):
@@ -161,5 +165,5 @@ def test_cached_flip_averaged_run_scores_what_its_workdir_encoder_encodes(datase
     query = encoder.encode_source(splits["test"])
     labels = [np.asarray(splits[s].labels) for s in ("test", "train")]
     for k in map(str, config.bits):
-        score = evaluate.mean_average_precision(query[k], from_images[k], *labels)
+        score = mean_average_precision(query[k], from_images[k], *labels)
         assert abs(float(score) - results["mAP"][k]) < 0.05

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fdh_jax import losses
+from fdh_jax.training import losses
 
 
 def _normalize(x):

@@ -6,14 +6,14 @@ import itertools
 import numpy as np
 import pytest
 
-from fdh_jax import metrics
-from fdh_jax.metrics import (
+from fdh_jax.evaluation import metrics
+from fdh_jax.evaluation.metrics import (
     mean_average_precision,
     precision_at_k,
     precision_recall_curve,
     precision_within_radius,
 )
-from fdh_jax.retrieval import InvalidCodesError, pack_codes
+from fdh_jax.search.bits import InvalidCodesError, pack_codes
 
 
 def random_codes(rng, n, bits):

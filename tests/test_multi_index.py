@@ -3,15 +3,12 @@
 import numpy as np
 import pytest
 
-from fdh_jax import multi_index
-from fdh_jax.checksums import arrays_sha256
-from fdh_jax.retrieval import (
-    IndexFileError,
-    InvalidCodesError,
-    MultiIndexHashing,
-    hamming_topk,
-    pack_codes,
-)
+from fdh_jax.common.checksums import arrays_sha256
+from fdh_jax.search import hash_index, multi_index
+from fdh_jax.search.bits import IndexFileError, InvalidCodesError, pack_codes
+from fdh_jax.search.hash_index import HashIndex, prefer_multi_index
+from fdh_jax.search.multi_index import MultiIndexHashing
+from fdh_jax.search.scan import hamming_topk
 
 
 def brute_topk(query_codes, db_codes, k):
@@ -183,9 +180,6 @@ def test_save_load_round_trip_and_checksum(always_probe, tmp_path):
 
 
 def test_hash_index_search_methods_agree(always_probe, monkeypatch):
-    from fdh_jax import retrieval
-    from fdh_jax.retrieval import HashIndex
-
     rng = np.random.default_rng(11)
     db = clustered_codes(rng, 3000, 24, classes=20, flip=0.1)
     query = clustered_codes(rng, 40, 24, classes=20, flip=0.1)
@@ -196,8 +190,8 @@ def test_hash_index_search_methods_agree(always_probe, monkeypatch):
         np.testing.assert_array_equal(distances, expected_distances)
         assert paths == [[f"{i}.jpg" for i in row] for row in expected_indices]
     assert index.multi_index() is index.multi_index()  # built once
-    monkeypatch.setattr(retrieval, "_MIH_MIN_DB", 1000)  # "auto" picks the tables here
-    assert retrieval.prefer_multi_index(len(index), index.bits)
+    monkeypatch.setattr(hash_index, "_MIH_MIN_DB", 1000)  # "auto" picks the tables here
+    assert prefer_multi_index(len(index), index.bits)
     _, distances = index.search(query, 25)
     np.testing.assert_array_equal(distances, expected_distances)
     with pytest.raises(ValueError, match="method must be"):

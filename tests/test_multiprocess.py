@@ -12,11 +12,14 @@ import pytest
 from conftest import REPO
 from multiprocess_check import NUM_STEPS, SIGNAL_AT, check_config
 
-from fdh_jax import evaluate, parallel
+from fdh_jax import parallel
 from fdh_jax.data import load_split
 from fdh_jax.data.pipeline import iterate, train_dataset
+from fdh_jax.evaluation.evaluate import evaluate
 from fdh_jax.models.fdh import build_model
-from fdh_jax.train import create_train_state, make_optimizer, make_train_step, prepare_run
+from fdh_jax.training.optimizer import make_optimizer
+from fdh_jax.training.step import create_train_state, make_train_step
+from fdh_jax.training.train import prepare_run
 
 
 def _launch(phase, workdir):
@@ -88,7 +91,7 @@ def test_two_processes_preempt_resume_and_match_one_process(tmp_path):
     # One process, one device, the final checkpoint of the 2-process run: the same codes.
     run = prepare_run(config, workdir)
     variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
-    expected = evaluate.evaluate(run.model, variables, run.query, run.database, config, run.mesh)
+    expected = evaluate(run.model, variables, run.query, run.database, config, run.mesh)
     run.manager.close()
     codes = np.load(workdir / "codes.npz")
     for name, split_codes in (("query", expected.query_codes), ("database", expected.db_codes)):

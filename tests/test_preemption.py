@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO, tiny_config
 
 from fdh_jax.main import PREEMPTED_EXIT_STATUS
-from fdh_jax.train import train_and_evaluate
+from fdh_jax.training.train import train_and_evaluate
 
 STEPS, SIGNAL_AT = 8, 3
 

@@ -19,12 +19,14 @@ from safetensors.numpy import save_file
 from test_pretrained import TFLITE_PATH, _torch_resnet
 
 from fdh_jax import parallel
-from fdh_jax.checkpointing import checkpoint_manager, restore_checkpoint
-from fdh_jax.losses import total_loss
 from fdh_jax.models.backbones import get_backbone
 from fdh_jax.models.fdh import build_model
 from fdh_jax.models.pretrained import load_pretrained
-from fdh_jax.train import create_train_state, make_optimizer, train_and_evaluate
+from fdh_jax.training.checkpointing import checkpoint_manager, restore_checkpoint
+from fdh_jax.training.losses import total_loss
+from fdh_jax.training.optimizer import make_optimizer
+from fdh_jax.training.step import create_train_state
+from fdh_jax.training.train import train_and_evaluate
 
 NUM_CLASSES, PER_CLASS, IMAGE_SIZE, STEPS = 4, 4, 64, 2
 

@@ -5,18 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from fdh_jax import retrieval
-from fdh_jax.retrieval import (
-    HashIndex,
-    IndexFileError,
-    InvalidCodesError,
-    hamming_distance,
-    hamming_topk,
-    pack_codes,
-    prefer_multi_index,
-    search_codes,
-    unpack_codes,
-)
+from fdh_jax.search import scan
+from fdh_jax.search.bits import IndexFileError, InvalidCodesError, pack_codes, unpack_codes
+from fdh_jax.search.hash_index import _MIH_MIN_DB, HashIndex, prefer_multi_index, search_codes
+from fdh_jax.search.multi_index import MultiIndexHashing
+from fdh_jax.search.scan import hamming_distance, hamming_topk
 
 
 def random_codes(rng, n, bits):
@@ -65,9 +58,9 @@ def test_hamming_distance_matches_brute_force(bits):
 def test_hamming_topk_matches_brute_force(monkeypatch, device_path, bits, num_db, num_query, k):
     # Small blocks so that the streaming / merging across blocks is exercised; few bits so that
     # ties at the k-th distance are everywhere.
-    monkeypatch.setattr(retrieval, "_SCAN_BLOCK", 700)
-    monkeypatch.setattr(retrieval, "_TOPK_BLOCK", 1024)
-    monkeypatch.setattr(retrieval, "_DEVICE_TOPK", device_path)
+    monkeypatch.setattr(scan, "_SCAN_BLOCK", 700)
+    monkeypatch.setattr(scan, "_TOPK_BLOCK", 1024)
+    monkeypatch.setattr(scan, "_DEVICE_TOPK", device_path)
     rng = np.random.default_rng(bits + num_db)
     query, db = random_codes(rng, num_query, bits), random_codes(rng, num_db, bits)
     distances, indices = hamming_topk(query, db, k)
@@ -81,8 +74,8 @@ def test_hamming_topk_matches_brute_force(monkeypatch, device_path, bits, num_db
 def test_scan_topk_word_counts_and_tiny_tiles(monkeypatch, bits):
     # 1, 2 and 3-4 uint64 words take different vector loops; tiles of 100 items (not a multiple
     # of the 64-item sub-blocks) and groups of 3 queries leave partial tiles everywhere.
-    monkeypatch.setattr(retrieval, "_SCAN_BLOCK", 100)
-    monkeypatch.setattr(retrieval, "_SCAN_GROUP", 3)
+    monkeypatch.setattr(scan, "_SCAN_BLOCK", 100)
+    monkeypatch.setattr(scan, "_SCAN_GROUP", 3)
     rng = np.random.default_rng(bits)
     db = random_codes(rng, 1500, bits)
     db[700:760] = db[5]  # exact duplicates: ties at distance 0 across tiles
@@ -97,15 +90,15 @@ def test_scan_topk_word_counts_and_tiny_tiles(monkeypatch, bits):
 def test_search_codes_rule_and_index():
     rng = np.random.default_rng(3)
     query, db = random_codes(rng, 7, 24), random_codes(rng, 400, 24)
-    index = retrieval.MultiIndexHashing(db)
+    index = MultiIndexHashing(db)
     expected = brute_topk(query, db, 9)
     for result in (search_codes(query, db, 9), search_codes(query, db, 9, index=index)):
         np.testing.assert_array_equal(result[0], expected[0])
         np.testing.assert_array_equal(result[1], expected[1])
     with pytest.raises(ValueError, match="400"):
         search_codes(query, db[:300], 9, index=index)
-    assert not prefer_multi_index(retrieval._MIH_MIN_DB - 1, 64)
-    assert prefer_multi_index(retrieval._MIH_MIN_DB, 64)
+    assert not prefer_multi_index(_MIH_MIN_DB - 1, 64)
+    assert prefer_multi_index(_MIH_MIN_DB, 64)
     assert not prefer_multi_index(10**7, 256)
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from fdh_jax import selection, train
 from fdh_jax.data import class_validation_split, load_splits, validation_split
-from fdh_jax.inference import load_encoder
+from fdh_jax.serving.load import load_encoder
+from fdh_jax.training import selection, train
 
 
 def test_validation_split_is_per_class_disjoint_and_stable():
@@ -125,7 +125,7 @@ def test_select_best_scores_and_serves_the_best_validation_step(tmp_path, monkey
 
 
 def test_select_best_without_a_validation_split_is_refused():
-    from fdh_jax.validation import validate_config
+    from fdh_jax.config_checks import validate_config
 
     config = tiny_config()
     config.eval.select = "best"
@@ -147,7 +147,7 @@ def test_select_best_without_a_validation_split_is_refused():
 
 
 def test_a_validation_fraction_that_holds_out_nothing_names_the_field():
-    from fdh_jax.validation import ConfigError
+    from fdh_jax.config_checks import ConfigError
 
     config = tiny_config()
     config.eval.validation_fraction = 0.05  # round(0.05 * 6) = 0 of every class

@@ -23,10 +23,16 @@ from test_pretrained_training import (
     write_folder_dataset,
 )
 
-from fdh_jax import inference
+from fdh_jax.common.checksums import variables_fingerprint
 from fdh_jax.data.sources.image_files import ImageFilesSource
-from fdh_jax.retrieval import HashIndex
-from fdh_jax.train import train_and_evaluate
+from fdh_jax.search.hash_index import HashIndex
+from fdh_jax.serving.encoder import EncoderRequestError
+from fdh_jax.serving.export import export_encoder
+from fdh_jax.serving.load import load_encoder
+from fdh_jax.serving.workdir_encoder import restore_encoder
+from fdh_jax.training.checkpointing import NoCheckpointError
+from fdh_jax.training.train import train_and_evaluate
+from fdh_jax.training.workdir import ModelFileError
 
 
 def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -82,8 +88,8 @@ def test_serving_modes_run_from_the_workdir_alone(served):
     index = tmp / "db.npz"  # --mode=encode, in the fixture
     loaded = HashIndex.load(index)
     assert loaded.bits == 12 and len(loaded) == 3
-    assert json.loads(loaded.encoder_json)["fingerprint"] == inference.variables_fingerprint(
-        inference.restore_encoder(workdir).variables
+    assert json.loads(loaded.encoder_json)["fingerprint"] == variables_fingerprint(
+        restore_encoder(workdir).variables
     )
 
     query = sorted(photos.iterdir())[1]
@@ -137,7 +143,7 @@ def test_export_workdir_and_encode_mode_give_identical_codes(served):
     report = json.loads(fresh.stdout.strip().splitlines()[-1])
     assert report["loaded"] == []  # no Flax, no fdh_jax.models, no training stack
 
-    from_workdir = inference.load_encoder(workdir).encode_images(paths)
+    from_workdir = load_encoder(workdir).encode_images(paths)
     from_export = {k: np.array(v, np.int8) for k, v in report["codes"].items()}
     assert set(from_workdir) == set(from_export) == {"8", "12"}
     for k in from_workdir:
@@ -146,7 +152,7 @@ def test_export_workdir_and_encode_mode_give_identical_codes(served):
     # Arrays of any size go through the same evaluation transform as files.
     pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
     np.testing.assert_array_equal(
-        inference.load_encoder(export).encode_images(pixels, bits=8)["8"], from_workdir["8"]
+        load_encoder(export).encode_images(pixels, bits=8)["8"], from_workdir["8"]
     )
 
 
@@ -166,7 +172,7 @@ def test_serving_failures_are_one_line(served):
     assert refused.stderr.count("\n") == 1 and "encoded by model 000000000000" in refused.stderr
 
     broken = tmp / "broken_export"
-    inference.export_encoder(workdir, broken)
+    export_encoder(workdir, broken)
     with open(broken / "variables.npz", "r+b") as f:
         f.seek(200)
         byte = f.read(1)
@@ -194,12 +200,12 @@ def test_serving_failures_are_one_line(served):
 
 def test_library_errors_name_what_is_wrong(served, tmp_path):
     tmp, workdir, photos, _ = served
-    with pytest.raises(inference.NoCheckpointError, match="no checkpoint in"):
-        inference.load_encoder(_empty_workdir(workdir, tmp_path))
-    with pytest.raises(inference.NoCheckpointError, match="steps there: 2"):
-        inference.load_encoder(workdir, step=5)
-    encoder = inference.load_encoder(workdir)
-    with pytest.raises(inference.EncoderRequestError, match="code lengths"):
+    with pytest.raises(NoCheckpointError, match="no checkpoint in"):
+        load_encoder(_empty_workdir(workdir, tmp_path))
+    with pytest.raises(NoCheckpointError, match="steps there: 2"):
+        load_encoder(workdir, step=5)
+    encoder = load_encoder(workdir)
+    with pytest.raises(EncoderRequestError, match="code lengths"):
         encoder.encode_images([str(p) for p in photos.iterdir()], bits=16)
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"<html>not an image</html>")
@@ -209,12 +215,12 @@ def test_library_errors_name_what_is_wrong(served, tmp_path):
         encoder.encode_images([str(bad)])
     with pytest.raises(ValueError, match=r"uint8 \[N, H, W, 3\]"):
         encoder.encode_images(np.zeros((2, 8, 8, 3), np.float32))
-    with pytest.raises(inference.ModelFileError, match="neither a training workdir"):
-        inference.load_encoder(tmp_path)
+    with pytest.raises(ModelFileError, match="neither a training workdir"):
+        load_encoder(tmp_path)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not an fdh_jax export"):
-        inference.export_encoder(workdir, tmp_path / "taken")
+        export_encoder(workdir, tmp_path / "taken")
 
 
 def _empty_workdir(workdir: Path, tmp_path: Path) -> Path:
@@ -229,7 +235,7 @@ def _empty_workdir(workdir: Path, tmp_path: Path) -> Path:
 def test_readme_trained_model_example_runs(served, tmp_path, monkeypatch, capsys):
     tmp, workdir, photos, _ = served
     export = tmp_path / "encoder"
-    inference.export_encoder(workdir, export)
+    export_encoder(workdir, export)
     jpegs = tmp_path / "jpegs"
     jpegs.mkdir()
     for path in sorted(photos.iterdir()):

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO, tiny_config
 from tensorboard.compat.proto import event_pb2
 
-from fdh_jax.train import train_and_evaluate
+from fdh_jax.training.train import train_and_evaluate
 
 RESULT_KEYS = {
     "dataset",
@@ -29,7 +29,8 @@ _KILLED_RUN = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 from conftest import tiny_config
-from fdh_jax import checkpointing, train
+from fdh_jax.training import checkpointing
+from fdh_jax.training import train
 save = checkpointing.save_checkpoint
 def save_then_die(manager, step, state, progress, *rest):
     save(manager, step, state, progress, *rest)
@@ -166,8 +167,8 @@ def test_encode_then_search_finds_each_image_itself(finished_run, tmp_path):
     from PIL import Image
 
     from fdh_jax.data import load_split
-    from fdh_jax.indexing import encode_to_index, search_index
-    from fdh_jax.retrieval import HashIndex
+    from fdh_jax.search.hash_index import HashIndex
+    from fdh_jax.serving.indexing import encode_to_index, search_index
 
     config, workdir, _ = finished_run
     index_path = tmp_path / "query_index.npz"
@@ -190,8 +191,8 @@ def test_encode_then_search_finds_each_image_itself(finished_run, tmp_path):
 
 
 def test_search_refuses_wrong_code_length(finished_run, tmp_path):
-    from fdh_jax.indexing import search_index
-    from fdh_jax.retrieval import HashIndex
+    from fdh_jax.search.hash_index import HashIndex
+    from fdh_jax.serving.indexing import search_index
 
     config, workdir, _ = finished_run
     path = tmp_path / "other.npz"

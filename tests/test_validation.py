@@ -7,8 +7,8 @@ import ml_collections
 import pytest
 from conftest import REPO
 
+from fdh_jax.config_checks import FIELD_RULES, ConfigError, validate_config
 from fdh_jax.config_files import load_config
-from fdh_jax.validation import FIELD_RULES, ConfigError, validate_config
 
 
 @pytest.mark.parametrize(

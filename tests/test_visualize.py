@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from fdh_jax.visualize import (
+from fdh_jax.evaluation.figures import (
     MATCH_COLOUR,
     MISMATCH_COLOUR,
     QUERY_COLOUR,

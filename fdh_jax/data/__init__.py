@@ -5,7 +5,7 @@ The names below are imported on first use, so that importing a light submodule
 needs) does not import every dataset source.
 """
 
-from fdh_jax.lazy import lazy_exports
+from fdh_jax.common.lazy import lazy_exports
 
 _EXPORTS = {
     "DatasetNotFoundError": "fdh_jax.data.sources",

@@ -419,7 +419,7 @@ class SubsetSource:
         return self.parent[int(self.indices[index])]
 
     def __getattr__(self, name: str) -> Any:
-        # A parent of stored stage-map views (`fdh_jax.feature_cache.StageMapViews`) also
+        # A parent of stored stage-map views (`fdh_jax.training.feature_cache.StageMapViews`) also
         # offers `num_views`, `model_inputs` and `view_inputs(index, view)`: so does the subset.
         if name not in ("num_views", "model_inputs", "view_inputs"):
             raise AttributeError(name)

@@ -181,14 +181,16 @@ def _write_cache(cache_file: Path, source: Any, bad: Mapping[int, BadImage]) -> 
 
 
 def _processes() -> tuple[int, int]:
-    """(this process's index, number of processes); JAX is imported only when scanning."""
-    import jax  # noqa: PLC0415 - keep `import fdh_jax.data` light
+    """(this process's index, number of processes). JAX is imported here, only when scanning, to
+    keep `import fdh_jax.data` light."""
+    import jax  # noqa: PLC0415
 
     return jax.process_index(), jax.process_count()
 
 
 def _allgather(values: np.ndarray) -> np.ndarray:
-    """`values` of every process stacked: `[num_processes, *values.shape]`."""
+    """`values` of every process stacked: `[num_processes, *values.shape]`. JAX is imported only
+    when scanning, as in `_processes`."""
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
     return np.asarray(multihost_utils.process_allgather(values))

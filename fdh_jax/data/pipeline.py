@@ -6,9 +6,10 @@ stream `(seed, step, j)`. A grain `MapDataset` over global positions `step * B +
 gives the same batches on any number of processes and after any restart; each process reads only
 its own slots of every global batch. The grain iterator state is saved with each checkpoint.
 
-A source may hold its items' backbone stage maps precomputed (`fdh_jax.feature_cache`: a frozen
-backbone): then a training example is one of the source's stored views of the image, chosen by
-the same `(seed, step, slot)` stream, and an evaluation example is the stored evaluation view.
+A source may hold its items' backbone stage maps precomputed (`fdh_jax.training.feature_cache`:
+a frozen backbone): then a training example is one of the source's stored views of the image,
+chosen by the same `(seed, step, slot)` stream, and an evaluation example is the stored
+evaluation view.
 Batches then carry the stage maps (`"C3"`, `"C4"`, ...) instead of `"image"`; `model_inputs`
 gives the model its input either way.
 """

@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from fdh_jax.common.ops import l2_normalize
 from fdh_jax.models.backbones import get_backbone
 from fdh_jax.models.mfe import MultiLevelFeatures
 from fdh_jax.models.proxies import HashProxies
 from fdh_jax.models.suppression import background_mask
-from fdh_jax.ops import l2_normalize
 
 
 class FDHMFE(nn.Module):
@@ -33,7 +33,7 @@ class FDHMFE(nn.Module):
       (with proxies); `mask`: `[B, h, w, 1]` (with suppression); `descriptor`: `[B, D]`;
       `pooled`: `[B, C5 channels]`, the backbone's C5 averaged over the foreground mask (over
       the whole map without suppression), no parameters: what codes fitted to a collection of
-      classes never trained on start from (`fdh_jax.adaptation`).
+      classes never trained on start from (`fdh_jax.search.adaptation`).
 
     `flip_average`: outside training, every output is the mean of the image's and its mirror
     image's (the mask stays the image's own), so codes binarise the sum of the two continuous

@@ -32,7 +32,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+import tflite
 from flax.core import unfreeze
+from safetensors.numpy import load_file
 
 from fdh_jax.models import mobilenet
 
@@ -176,8 +178,6 @@ def resolve_weights_path(path: str) -> Path:
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """All tensors of a `.safetensors` file as NumPy arrays (no PyTorch needed)."""
-    from safetensors.numpy import load_file
-
     try:
         return load_file(str(path))
     except Exception as error:
@@ -268,8 +268,6 @@ def resnet_variables_from_torchvision(
 
 
 def _builtin_operator_names() -> dict[int, str]:
-    import tflite
-
     return {
         value: name
         for name, value in vars(tflite.BuiltinOperator).items()
@@ -279,8 +277,6 @@ def _builtin_operator_names() -> dict[int, str]:
 
 def _dequantised_tensor(subgraph, buffers, index: int) -> np.ndarray:
     """Float value of a constant tensor: `(q - zero_point) * scale` along its quantised axis."""
-    import tflite
-
     tensor = subgraph.Tensors(index)
     dtypes = {
         tflite.TensorType.FLOAT32: np.float32,
@@ -319,8 +315,6 @@ def read_tflite_convs(path: Path) -> tuple[list[dict[str, Any]], dict[str, int]]
         "VALID"), `activation` ("NONE", "RELU", "RELU6", ...).
       op_counts: number of ops of each type (ADD, MEAN, RESHAPE, SOFTMAX, ...).
     """
-    import tflite
-
     model = tflite.Model.GetRootAsModel(path.read_bytes(), 0)
     if model.SubgraphsLength() != 1:
         raise PretrainedWeightsError(
@@ -348,8 +342,6 @@ def read_tflite_convs(path: Path) -> tuple[list[dict[str, Any]], dict[str, int]]
 
 def _tflite_conv(model, subgraph, op, op_name: str, activations: dict) -> dict[str, Any]:
     """One CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED op as `read_tflite_convs` returns it."""
-    import tflite
-
     options = {
         "CONV_2D": tflite.Conv2DOptions,
         "DEPTHWISE_CONV_2D": tflite.DepthwiseConv2DOptions,

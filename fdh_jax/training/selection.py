@@ -16,10 +16,12 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from fdh_jax import evaluate
+from fdh_jax.config_checks import ConfigError
 from fdh_jax.data import class_validation_split, validation_split
 from fdh_jax.data.decode import SubsetSource
-from fdh_jax.validation import ConfigError
+from fdh_jax.encoding import encode_source
+from fdh_jax.evaluation.metrics import mean_average_precision
+from fdh_jax.training.step import state_variables
 
 
 def validation_sources(config: ml_collections.ConfigDict, database: Any) -> tuple[Any, Any]:
@@ -54,13 +56,13 @@ def validation_scores(model, state: Any, validation: tuple[Any, Any], config, me
     """mAP@all per code length of the validation queries against the validation database
     (`validation_sources`), and their mean over the code lengths (`"mean"`: what
     `eval.select=best` ranks)."""
-    variables = evaluate.state_variables(state)
+    variables = state_variables(state)
     queries, database = validation
-    query_codes, query_labels = evaluate.encode_source(model, variables, queries, config, mesh)
-    db_codes, db_labels = evaluate.encode_source(model, variables, database, config, mesh)
+    query_codes, query_labels = encode_source(model, variables, queries, config, mesh)
+    db_codes, db_labels = encode_source(model, variables, database, config, mesh)
     scores = {
         k: float(
-            evaluate.mean_average_precision(
+            mean_average_precision(
                 query_codes[k],
                 db_codes[k],
                 query_labels,

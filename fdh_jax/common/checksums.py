@@ -5,10 +5,12 @@ import hashlib
 import os
 import zipfile
 from collections.abc import Mapping
+from typing import Any
 
+import jax
 import numpy as np
 
-from fdh_jax.atomic_files import write_npz_atomically
+from fdh_jax.common.atomic_files import write_npz_atomically
 
 
 def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
@@ -81,3 +83,34 @@ def load_checked_npz(
     if stored != arrays_sha256(fields):
         raise error(f"{path}: checksum mismatch, the file is corrupted")
     return fields
+
+
+# ------------------------------------------------------------------------ variable fingerprints
+def flatten_variables(variables: Mapping, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts of arrays -> `{"params/backbone/conv_init/kernel": array, ...}`."""
+    flat = {}
+    for key, value in variables.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat |= flatten_variables(value, f"{name}/")
+        else:
+            flat[name] = value
+    return flat
+
+
+def unflatten_variables(flat: Mapping[str, Any]) -> dict:
+    """Inverse of `flatten_variables`."""
+    nested: dict = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return nested
+
+
+def variables_fingerprint(variables: Mapping) -> str:
+    """SHA-256 (hex) over every variable's name, dtype, shape and bytes, in name order."""
+    flat = flatten_variables(variables)
+    return arrays_sha256({name: np.asarray(jax.device_get(v)) for name, v in flat.items()})

@@ -1,8 +1,9 @@
 """Figures for retrieval results: PR curves per code length, and a query -> top-k gallery.
 
 Pure parts (`gallery_matches`, `compose_gallery`) compute arrays; `plot_pr_curves` and
-`retrieval_gallery` write files. Matplotlib is used through `Figure` objects with the Agg canvas,
-so no global backend or pyplot state is touched.
+`retrieval_gallery` write files, and `write_figures` draws both for an evaluation. Matplotlib is
+used through `Figure` objects with the Agg canvas, so no global backend or pyplot state is
+touched.
 """
 
 from __future__ import annotations
@@ -12,12 +13,17 @@ import html
 import io
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.image import imsave
+from PIL import Image
+
+from fdh_jax.evaluation.results import Evaluation
+from fdh_jax.search.scan import hamming_topk
 
 MATCH_COLOUR = (0, 170, 0)  # green border: same class as the query
 MISMATCH_COLOUR = (210, 0, 0)  # red border: another class
@@ -214,3 +220,41 @@ def retrieval_gallery(
     with open(os.fspath(path_html), "w", encoding="utf-8") as f:
         f.write(page)
     return matches
+
+
+def write_figures(
+    workdir: Path, evaluation: Evaluation, query: Any, database: Any, *, num_queries: int = 8
+) -> list[Path]:
+    """Writes `pr_curves.png`, and `gallery.png` + `gallery.html` for the longest code.
+
+    The gallery shows `num_queries` queries spread over the query split, each with its top-10
+    (ties by database index), framed green where the class matches and red where it does not.
+    """
+    workdir = Path(workdir)
+    curves = {
+        int(k): (np.asarray(c["precision"]), np.asarray(c["recall"]))
+        for k, c in evaluation.extra["pr_curve"].items()
+    }
+    plot_pr_curves(curves, workdir / "pr_curves.png", title=f"{evaluation.results['dataset']}: PR")
+    longest = str(max(evaluation.results["bits"]))
+    chosen = np.linspace(0, len(query) - 1, min(num_queries, len(query))).round().astype(int)
+    topk = min(10, len(database))
+    distances, indices = hamming_topk(
+        evaluation.query_codes[longest][chosen], evaluation.db_codes[longest], topk
+    )
+    retrieval_gallery(
+        np.stack([_thumbnail(query[int(i)]["image"]) for i in chosen]),
+        evaluation.query_labels[chosen],
+        lambda i: _thumbnail(database[int(i)]["image"]),
+        evaluation.db_labels,
+        indices,
+        distances,
+        workdir / "gallery.png",
+        workdir / "gallery.html",
+        class_names=getattr(database, "class_names", None),
+    )
+    return [workdir / "pr_curves.png", workdir / "gallery.png", workdir / "gallery.html"]
+
+
+def _thumbnail(image: np.ndarray, size: int = 96) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))

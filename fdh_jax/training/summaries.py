@@ -14,7 +14,7 @@ import jax
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-from fdh_jax.atomic_files import write_text_atomically
+from fdh_jax.common.atomic_files import write_text_atomically
 
 
 def report(message: str) -> None:

@@ -40,7 +40,7 @@ and computed again. Size: `N x V x` the maps of one crop (MobileNetV2 at 224 px:
 208 KiB per crop, so cub100's 2,944 database images with 4 views and 2,958 queries take
 3.0 GiB).
 
-**Several processes.** Extraction runs like evaluation (`fdh_jax.evaluate.map_source`): each
+**Several processes.** Extraction runs like evaluation (`fdh_jax.encoding.map_source`): each
 process computes its share of every global batch on its devices; every process receives every
 map and writes the entry into its own cache directory (a shared one gets one copy).
 """
@@ -63,11 +63,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fdh_jax import evaluate, parallel
-from fdh_jax.checksums import file_record, files_problem
+from fdh_jax import parallel
+from fdh_jax.common.checksums import file_record, files_problem, variables_fingerprint
 from fdh_jax.data.image_scan import files_digest
 from fdh_jax.data.transforms import eval_transform, train_transform
-from fdh_jax.inference import variables_fingerprint
+from fdh_jax.encoding import map_source
 from fdh_jax.models.backbones import get_backbone
 
 FORMAT_VERSION = 1
@@ -283,9 +283,7 @@ def _extract(
         return {"image": image}
 
     start, last_report, done = time.perf_counter(), 0.0, 0
-    for positions, outputs in evaluate.map_source(
-        fn, backbone_variables, items, config, mesh, transform
-    ):
+    for positions, outputs in map_source(fn, backbone_variables, items, config, mesh, transform):
         real = positions < len(items)
         for s in stages:
             flat[s][positions[real]] = outputs[s][real]

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdh_jax.retrieval import pack_query_and_database, word_hamming_distance
+from fdh_jax.search.bits import pack_query_and_database, word_hamming_distance
 
 TieBreak = Literal["index", "expected", "semicon"]
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from fdh_jax.ops import l2_normalize
+from fdh_jax.common.ops import l2_normalize
 
 _EPS = 1e-8  # of the L2 normalisation of codes and proxies
 

@@ -9,7 +9,7 @@
 (`--mode=export`): the model comes from there, never from `--config`. An index records the
 training config and the encoder's identity (parameter fingerprint, checkpoint step, code length,
 preprocessing); a search refuses an index made by another encoder, naming both. With `--adapt`
-the codes are fitted to the indexed images without labels (`fdh_jax.adaptation`, for classes
+the codes are fitted to the indexed images without labels (`fdh_jax.search.adaptation`, for classes
 the model never trained on; a training workdir only): the index keeps the fit, and a search
 hashes its queries through it.
 """
@@ -22,8 +22,9 @@ import ml_collections
 import numpy as np
 
 from fdh_jax.data.sources.image_files import ImageFilesSource
-from fdh_jax.inference import Encoder, EncoderRequestError, load_encoder
-from fdh_jax.retrieval import HashIndex
+from fdh_jax.search.hash_index import HashIndex
+from fdh_jax.serving.encoder import Encoder, EncoderRequestError
+from fdh_jax.serving.load import load_encoder
 
 
 def _bits(encoder: Encoder, bits: int | None) -> str:
@@ -35,8 +36,12 @@ def _bits(encoder: Encoder, bits: int | None) -> str:
 
 
 def _split_source(encoder: Encoder, split: str, config: ml_collections.ConfigDict | None) -> Any:
-    """A split of the training dataset (or of `config.data`, to read it from another place)."""
-    from fdh_jax.data import load_split  # noqa: PLC0415 - the data sources are heavy imports
+    """A split of the training dataset (or of `config.data`, to read it from another place).
+
+    The dataset sources are imported here, for this mode only: hashing a folder of photos with
+    an export needs none of them (start-up time).
+    """
+    from fdh_jax.data import load_split  # noqa: PLC0415
 
     config = config if config is not None else ml_collections.ConfigDict(encoder.training_config)
     return load_split(config, split, check_images=False)

@@ -31,7 +31,18 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from fdh_jax.checksums import load_checked_npz, save_checked_npz
+from fdh_jax.common.checksums import load_checked_npz, save_checked_npz
+from fdh_jax.search.bits import (
+    SUB_BLOCK,
+    IndexFileError,
+    InvalidCodesError,
+    count_closer,
+    kth_smallest,
+    pack_words64,
+    popcount,
+    word_distance,
+)
+from fdh_jax.search.scan import scan_topk
 
 MIH_FORMAT_VERSION = 1
 _MAX_SUBSTRING_BITS = 32  # beyond this a table's radius balls are too large to enumerate
@@ -173,7 +184,7 @@ def _seen_earlier(query, codes, p, masks, table, rho):  # noqa: ANN001, ANN202
             continue
         part = 0
         for w in range(query.shape[0]):
-            part += _popcount((query[w] ^ codes[w, p]) & masks[other, w])
+            part += popcount((query[w] ^ codes[w, p]) & masks[other, w])
         if part < rho or (part == rho and other < table):
             return True
     return False
@@ -199,6 +210,73 @@ def _make_room(found_distances, found_indices, count, capacity, keep):  # noqa: 
     return found_distances, found_indices, kept, capacity
 
 
+@njit(inline="always")
+def _next_buckets(  # noqa: ANN202
+    table, substring, mask, limit, rho, ranges, dense, bucket_base, bucket_starts, key_base, keys
+):
+    """Bounds of the next buckets of `table` at radius exactly rho from `substring`, at most
+    `_PROBE_BATCH`, into `ranges[:filled]`. The rho-bit masks of the table's `log2(limit)` bits
+    are enumerated in order from `mask` (Gosper's hack). Returns (filled, the next mask)."""
+    filled = 0
+    while mask < limit and filled < _PROBE_BATCH:
+        lo, hi = _bucket(table, substring ^ mask, dense, bucket_base, bucket_starts, key_base, keys)
+        ranges[filled, 0], ranges[filled, 1] = lo, hi
+        filled += 1
+        if rho == 0:
+            mask = limit
+        else:
+            lowest = mask & -mask
+            ripple = mask + lowest
+            mask = (((ripple ^ mask) >> 2) // lowest) | ripple
+    return filled, mask
+
+
+@njit(inline="always")
+def _verify_bucket(query, codes, lo, hi, table, rho, masks, sorted_ids, k, state):  # noqa: ANN001, ANN202
+    """Verifies the codes `codes[:, lo:hi]` of one bucket of `table`: each within the k-th best
+    distance so far and not seen in an earlier probe joins the candidates. `state` is the
+    query's `(found_distances, found_indices, count, capacity, keep, histogram, scratch)`;
+    returns it updated (a full candidate buffer is replaced by a larger one)."""
+    found_distances, found_indices, count, capacity, keep, histogram, scratch = state
+    for start in range(lo, hi, SUB_BLOCK):
+        # A vector pass first: most codes in a bucket are too far to matter.
+        stop = min(hi, start + SUB_BLOCK)
+        if count_closer(query, codes, start, stop, keep + 1, scratch) == 0:
+            continue
+        for p in range(start, stop):
+            distance = word_distance(query, codes, p)
+            if distance > keep or _seen_earlier(query, codes, p, masks, table, rho):
+                continue
+            if count == capacity:
+                found_distances, found_indices, count, capacity = _make_room(
+                    found_distances, found_indices, count, capacity, keep
+                )
+            found_distances[count] = distance
+            found_indices[count] = sorted_ids[table, p]
+            histogram[distance] += 1
+            count += 1
+            if count >= k:
+                keep = kth_smallest(histogram, k)
+    return found_distances, found_indices, count, capacity, keep, histogram, scratch
+
+
+@njit(inline="always")
+def _write_top_k(state, k, out_distances, out_indices):  # noqa: ANN001, ANN202
+    """Orders the candidates at distance <= keep (every code there was seen) by (distance,
+    index) and writes the first k into `out_distances`, `out_indices` (`[k]` int32)."""
+    found_distances, found_indices, count, _, keep, _, _ = state
+    order_keys = np.empty(count, np.int64)
+    selected = 0
+    for c in range(count):
+        if found_distances[c] <= keep:
+            order_keys[selected] = (np.int64(found_distances[c]) << 32) | found_indices[c]
+            selected += 1
+    order_keys = np.sort(order_keys[:selected])
+    for c in range(k):
+        out_distances[c] = order_keys[c] >> 32
+        out_indices[c] = order_keys[c] & 0xFFFFFFFF
+
+
 @njit(cache=True)
 def _mih_query(  # noqa: ANN202
     query,  # [W] uint64
@@ -221,48 +299,36 @@ def _mih_query(  # noqa: ANN202
     """One query's MIH search (module docstring). Writes its top k unless it runs over budget.
     Returns (over budget, certified radius m * rho + table reached, work = probes + entries).
 
-    Over 60 lines: a numba kernel whose loop state (candidate buffers, histogram, the k-th
-    distance, work, the batch of bucket bounds) is updated at every bucket entry; split into
-    functions it would be passed in and returned at that rate. The pieces that need no such
-    state are helpers (`_bucket`, `_seen_earlier`, `_make_room`, `_prefetch_bucket`)."""
+    The buckets of a table at radius rho are looked up a batch at a time (`_next_buckets`):
+    their bounds first, then their codes (`_verify_bucket`), with the codes of the bucket
+    `_PREFETCH_AHEAD` places on requested from memory while this one is verified (each bucket is
+    a cache miss: without that the scan waited on memory 3/4 of the time, benchmarks/search.py
+    --mode mih)."""
     num_tables = masks.shape[0]
-    min_length = lengths.min()
-    scratch = np.empty(_SCAN_SUB, np.int64)
-    histogram = np.zeros(bits + 1, np.int64)
     capacity = max(2 * k, 256)
-    found_distances = np.empty(capacity, np.int32)
-    found_indices = np.empty(capacity, np.int32)
-    count = 0
-    keep = bits  # keep distances <= keep: the k-th best so far, once k are found
+    # Candidates, their distance histogram and keep, the k-th best distance so far (all <= keep
+    # are kept; every distance until k are found).
+    state = (
+        np.empty(capacity, np.int32),
+        np.empty(capacity, np.int32),
+        0,
+        capacity,
+        bits,
+        np.zeros(bits + 1, np.int64),
+        np.empty(SUB_BLOCK, np.int64),
+    )
     work = 0
-    done = False
     certified = -1
     ranges = np.empty((_PROBE_BATCH, 2), np.int64)
-    for rho in range(min_length + 1):
+    for rho in range(lengths.min() + 1):
         for table in range(num_tables):
-            substring = substrings[table]
             codes = sorted_codes[table]
-            # Enumerate the lengths[table]-bit masks with rho bits set (Gosper's hack), a batch
-            # of buckets at a time: their bounds first, then their codes, with the codes of the
-            # bucket _PREFETCH_AHEAD places on requested from memory while this one is verified
-            # (each bucket is a cache miss: without that the scan waited on memory 3/4 of the
-            # time, benchmarks/search.py --mode mih).
-            mask = (1 << rho) - 1
-            limit = 1 << lengths[table]
+            mask, limit = (1 << rho) - 1, 1 << lengths[table]
             while mask < limit and work <= budget:
-                filled = 0
-                while mask < limit and filled < _PROBE_BATCH:
-                    lo, hi = _bucket(
-                        table, substring ^ mask, dense, bucket_base, bucket_starts, key_base, keys
-                    )
-                    ranges[filled, 0], ranges[filled, 1] = lo, hi
-                    filled += 1
-                    if rho == 0:
-                        mask = limit
-                    else:
-                        lowest = mask & -mask
-                        ripple = mask + lowest
-                        mask = (((ripple ^ mask) >> 2) // lowest) | ripple
+                filled, mask = _next_buckets(
+                    table, substrings[table], mask, limit, rho, ranges, dense, bucket_base,
+                    bucket_starts, key_base, keys,
+                )  # fmt: skip
                 for b in range(min(_PREFETCH_AHEAD, filled)):
                     _prefetch_bucket(codes, ranges[b, 0], ranges[b, 1])
                 for b in range(filled):
@@ -271,50 +337,20 @@ def _mih_query(  # noqa: ANN202
                         _prefetch_bucket(codes, ranges[ahead, 0], ranges[ahead, 1])
                     lo, hi = ranges[b, 0], ranges[b, 1]
                     work += _PROBE_COST + _ENTRY_COST * (hi - lo)
-                    for start in range(lo, hi, _SCAN_SUB):
-                        # A vector pass first: most codes in a bucket are too far to matter.
-                        stop = min(hi, start + _SCAN_SUB)
-                        if _count_closer(query, codes, start, stop, keep + 1, scratch) == 0:
-                            continue
-                        for p in range(start, stop):
-                            distance = _word_distance(query, codes, p)
-                            if distance > keep or _seen_earlier(query, codes, p, masks, table, rho):
-                                continue
-                            if count == capacity:
-                                found_distances, found_indices, count, capacity = _make_room(
-                                    found_distances, found_indices, count, capacity, keep
-                                )
-                            found_distances[count] = distance
-                            found_indices[count] = sorted_ids[table, p]
-                            histogram[distance] += 1
-                            count += 1
-                            if count >= k:
-                                keep = _kth_smallest(histogram, k)
+                    state = _verify_bucket(
+                        query, codes, lo, hi, table, rho, masks, sorted_ids, k, state
+                    )
                     if work > budget:
                         break
             if work > budget:
-                break
+                return True, certified, work
             certified = num_tables * rho + table
-            if count >= k and keep <= certified:
-                done = True
-                break
-        if done or work > budget:
-            break
-    # Leaving the loop without a certificate means a table was probed at every radius up to
+            if state[2] >= k and state[4] <= certified:
+                _write_top_k(state, k, out_distances, out_indices)
+                return False, certified, work
+    # Leaving the loops without a certificate means a table was probed at every radius up to
     # its length, i.e. every code was seen: the result is exact then too.
-    if work > budget and not done:
-        return True, certified, work
-    # Everything at distance <= keep was seen: order it by (distance, index), keep k.
-    order_keys = np.empty(count, np.int64)
-    selected = 0
-    for c in range(count):
-        if found_distances[c] <= keep:
-            order_keys[selected] = (np.int64(found_distances[c]) << 32) | found_indices[c]
-            selected += 1
-    order_keys = np.sort(order_keys[:selected])
-    for c in range(k):
-        out_distances[c] = order_keys[c] >> 32
-        out_indices[c] = order_keys[c] & 0xFFFFFFFF
+    _write_top_k(state, k, out_distances, out_indices)
     return False, certified, work
 
 
@@ -340,7 +376,7 @@ class MultiIndexHashing:
     """Exact k-nearest-neighbour search in Hamming space with multi-index hashing.
 
     `MultiIndexHashing(db_codes)`: `db_codes: [N, K]` sign codes in {-1, +1} (or packed uint8,
-    see `fdh_jax.retrieval`); `num_tables` m defaults to `default_num_tables(N, K)`.
+    see `fdh_jax.search.bits`); `num_tables` m defaults to `default_num_tables(N, K)`.
     `.search(query_codes, k)` returns exactly what `hamming_topk` returns. Memory: the codes
     (8 ceil(K/64) bytes each) plus `table_bytes` (4 bytes per code per table, plus the offsets).
     """
@@ -450,7 +486,7 @@ class MultiIndexHashing:
         distances = np.concatenate([distances, np.zeros((num_query - probed, k), np.int32)])
         indices = np.concatenate([indices, np.zeros((num_query - probed, k), np.int32)])
         if scanned.size:
-            distances[scanned], indices[scanned] = _scan_topk(
+            distances[scanned], indices[scanned] = scan_topk(
                 query_words[scanned], self.db_columns, k, self.bits
             )
         self.last_search_stats = {
@@ -530,11 +566,9 @@ class MultiIndexHashing:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MultiIndexHashing:
-        """Reads an index written by `save`. Raises `fdh_jax.retrieval.IndexFileError` naming the
+        """Reads an index written by `save`. Raises `IndexFileError` naming the
         file if it cannot be read, is of another format version, fails its checksum or is
         inconsistent."""
-        from fdh_jax.retrieval import IndexFileError  # defined below the import of this module
-
         fields = load_checked_npz(
             path, "multi-index", MIH_FORMAT_VERSION, "rebuild the index", IndexFileError
         )
@@ -582,18 +616,3 @@ class MultiIndexHashing:
             ok = ok and bool(np.all(self.sorted_ids < num_db))
         if not ok:
             raise ValueError("table shapes do not match the codes")
-
-
-# fdh_jax.retrieval re-exports MultiIndexHashing, so each module imports the other. Importing at
-# the end lets either be imported first: whichever runs second finds the other's names defined
-# (the kernels above resolve these globals when first compiled, not when defined).
-from fdh_jax.retrieval import (  # noqa: E402
-    _SCAN_SUB,
-    InvalidCodesError,
-    _count_closer,
-    _kth_smallest,
-    _popcount,
-    _scan_topk,
-    _word_distance,
-    pack_words64,
-)

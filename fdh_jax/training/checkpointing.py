@@ -5,9 +5,14 @@ and best validation scores). Each finished step directory is sealed with `fdh_ch
 (size and SHA-256 of every file, which Orbax's files lack), so that a restart can tell a
 damaged checkpoint from an intact one and resume from the newest intact one
 (docs/design.md, "Contracts").
+
+All of the checkpoint layout lives here: `WORKDIR/checkpoints/<step>/{state,progress}`, which
+steps are complete (`checkpoint_steps`), and reading one checkpoint's variables outside training
+(`restore_variables`, for `fdh_jax.serving`) or its progress record (`checkpoint_progress`).
 """
 
 import json
+import os
 import signal
 import threading
 from pathlib import Path
@@ -17,10 +22,10 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from fdh_jax import inference
-from fdh_jax.atomic_files import write_text_atomically
-from fdh_jax.checksums import file_record, files_problem
-from fdh_jax.summaries import report
+from fdh_jax.common.atomic_files import write_text_atomically
+from fdh_jax.common.checksums import file_record, files_problem
+from fdh_jax.training.summaries import report
+from fdh_jax.training.workdir import ModelFileError
 
 VALIDATION_METRIC = "validation_mAP"  # saved with a checkpoint: mean over the code lengths
 
@@ -95,7 +100,7 @@ def restore_latest_intact(
     checkpoints but none intact: `DamagedCheckpointsError`, nothing moved or deleted.
     """
     directory = workdir / "checkpoints"
-    steps = sorted(inference.checkpoint_steps(workdir), reverse=True)
+    steps = sorted(checkpoint_steps(workdir), reverse=True)
     problems = []
     for step in steps:
         problem = checkpoint_damage(directory / str(step))
@@ -196,3 +201,85 @@ class PreemptionNotice:
     def reached(self, manager: ocp.CheckpointManager, step: int) -> bool:
         # Called at every step on every process: the multi-host sync point requires it.
         return manager.reached_preemption(step) or self.signalled
+
+
+class NoCheckpointError(FileNotFoundError):
+    """A workdir (or a requested step) without a checkpoint to restore."""
+
+
+# --------------------------------------- the steps of a workdir, and reading one outside training
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
+    """Steps of the complete checkpoints in `workdir/checkpoints`, ascending.
+
+    Orbax writes a step into a temporary directory and renames it to the bare step number when
+    it is complete, so only bare numbers count.
+    """
+    directory = Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        return []
+    steps = []
+    for entry in directory.iterdir():
+        if entry.is_dir() and entry.name.isdigit() and (entry / "state").is_dir():
+            steps.append(int(entry.name))
+    return sorted(steps)
+
+
+def _select_step(workdir: Path, step: int | None) -> int:
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        raise NoCheckpointError(f"no checkpoint in {workdir / 'checkpoints'}: train first")
+    if step is None:  # the model the workdir's results.json scored (eval.select), else the latest
+        try:
+            scored = int(json.loads((workdir / "results.json").read_text())["steps"])
+        except (OSError, ValueError, KeyError, TypeError):
+            scored = None
+        return scored if scored in steps else steps[-1]
+    if step not in steps:
+        raise NoCheckpointError(
+            f"no checkpoint of step {step} in {workdir / 'checkpoints'} "
+            f"(steps there: {', '.join(map(str, steps))})"
+        )
+    return step
+
+
+def restore_variables(
+    workdir: str | os.PathLike,
+    abstract_variables: dict,
+    step: int | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+    *,
+    moving_average: bool = False,
+) -> tuple[dict, int]:
+    """`({"params", "batch_stats"}, step)` of checkpoint `step` (default: the latest).
+
+    `abstract_variables` gives the tree and shapes (`jax.eval_shape` of the model's init); only
+    those arrays are read from the checkpoint (no optimiser state), onto `sharding` (default:
+    the first device). `moving_average`: `"params"` are the parameters' moving average that the
+    run kept (`train.ema_decay > 0`), the variables its evaluation used.
+    """
+    workdir = Path(workdir)
+    step = _select_step(workdir, step)
+    params_key = "ema_params" if moving_average else "params"
+    tree = {
+        params_key: abstract_variables["params"],
+        "batch_stats": abstract_variables.get("batch_stats", {}),
+    }
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), tree)
+    path = (workdir / "checkpoints" / str(step) / "state").absolute()
+    try:
+        variables = ocp.PyTreeCheckpointer().restore(
+            path,
+            args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args, partial_restore=True),
+        )
+    except (ValueError, KeyError) as error:
+        raise ModelFileError(
+            f"{path}: does not hold this model's variables ({str(error).splitlines()[0]})"
+        ) from error
+    return {"params": variables[params_key], "batch_stats": variables["batch_stats"]}, step
+
+
+def checkpoint_progress(workdir: str | os.PathLike, step: int) -> dict:
+    """The training progress saved with checkpoint `step` (`train_seconds`, data position)."""
+    path = (Path(workdir) / "checkpoints" / str(step) / "progress").absolute()
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path)

@@ -15,7 +15,7 @@ collection's own images without labels, as PCA-ITQ is:
    quantisation error `||sign(V R) - V R||`;
 3. the codes of database and queries are `where((t - mean) P R >= 0, +1, -1)` (int8).
 
-`CollectionHash` holds the fit (`mean [F]`, `projection [F, K]` = `P R`); `fdh_jax.evaluate`
+`CollectionHash` holds the fit (`mean [F]`, `projection [F, K]` = `P R`); `fdh_jax.evaluation`
 scores it with `--mode=eval --adapt`.
 """
 

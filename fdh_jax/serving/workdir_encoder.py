@@ -1,0 +1,93 @@
+"""An encoder restored from a training workdir: the Flax model over a device mesh.
+
+Restoring reads only the parameters (their moving average, for a run with
+`train.ema_decay > 0`) and BatchNorm statistics of one checkpoint (an Orbax partial restore,
+`fdh_jax.training.checkpointing.restore_variables`): no dataset, no pretrained-weights file (a
+pretrained backbone is in the checkpoint), no optimiser state. The model is the one the
+workdir's record describes (`fdh_jax.training.workdir`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fdh_jax import encoding, parallel
+from fdh_jax.common.checksums import variables_fingerprint
+from fdh_jax.models.fdh import build_model
+from fdh_jax.search import adaptation
+from fdh_jax.serving.encoder import Encoder
+from fdh_jax.training.checkpointing import restore_variables
+from fdh_jax.training.workdir import read_training_record
+
+
+class WorkdirEncoder(Encoder):
+    """An encoder restored from a training workdir: the Flax model over a device mesh."""
+
+    def __init__(self, config: Any, description: dict, model, variables, step: int, mesh):
+        training_config = json.loads(config.to_json_best_effort())
+        super().__init__(description, training_config, step, variables_fingerprint(variables))
+        self.config, self.model, self.variables, self.mesh = config, model, variables, mesh
+
+    def encode_source(self, source: Any) -> dict[str, np.ndarray]:
+        codes, _ = encoding.encode_source(
+            self.model, self.variables, source, self.config, self.mesh
+        )
+        return codes
+
+    def transfer_features(self, source: Any, descriptor_weight: float) -> np.ndarray:
+        outputs = encoding.transfer_outputs(
+            self.model, self.variables, source, self.config, self.mesh
+        )
+        return adaptation.transfer_features(*outputs, descriptor_weight)
+
+
+def _encoding_mesh(batch_size: int):
+    """All devices, or the most that divide the encoding batch (it is split over them)."""
+    devices = jax.devices()
+    if jax.process_count() == 1:
+        usable = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
+        devices = devices[:usable]
+    return parallel.make_mesh(devices)
+
+
+def restore_encoder(
+    workdir: str | os.PathLike, step: int | None = None, config: Any | None = None
+) -> WorkdirEncoder:
+    """The encoder of checkpoint `step` (default: the latest) of a training workdir.
+
+    `config` (default: the workdir's `config.json`) supplies everything but the model, which
+    always comes from the workdir's record: e.g. another `eval.batch_size`, or `data.root` when
+    evaluating on a dataset that moved.
+    """
+    workdir = Path(workdir)
+    recorded, description = read_training_record(workdir)
+    if config is None:
+        config = recorded
+    else:  # the model is the one that was trained, whatever `config` says
+        config = config.copy_and_resolve_references()
+        config.unlock()
+        config.model = recorded.model
+        config.bits = tuple(recorded.bits)
+        config.seed = recorded.seed
+        config.loss.use_proxy = recorded.loss.use_proxy
+    model = build_model(config, description["num_classes"])
+    size = description["preprocessing"]["image_size"]
+    abstract = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
+    )
+    mesh = _encoding_mesh(int(config.eval.batch_size))
+    variables, step = restore_variables(
+        workdir,
+        abstract,
+        step,
+        parallel.replicated(mesh),
+        moving_average=float(recorded.train.get("ema_decay", 0.0)) > 0,
+    )
+    return WorkdirEncoder(config, description, model, variables, step, mesh)
