@@ -13,19 +13,17 @@ README says to remove it, so `__getitem__` returns the image without its bottom 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from fdh_jax.data.sources.base import (
-    DatasetNotFoundError,
-    ImageListSource,
-    check_split,
-    read_id_value_table,
-    read_text_lines,
-    require_path,
-    resolve_root,
+from fdh_jax.data.sources.base import read_id_value_table, read_text_lines
+from fdh_jax.data.sources.opening import (
+    DatasetFiles,
+    ImageList,
+    ListedSource,
+    SourceOpener,
+    first_folder_holding,
 )
 
 COPYRIGHT_BANNER_ROWS = 20
@@ -37,6 +35,7 @@ HOW_TO_GET = (
     "download fgvc-aircraft-2013b.tar.gz from the FGVC-Aircraft page of the Oxford Visual "
     "Geometry Group (www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft) and extract it"
 )
+FILES = DatasetFiles("aircraft", LAYOUT, HOW_TO_GET)
 
 
 def crop_copyright_banner(image: np.ndarray) -> np.ndarray:
@@ -48,52 +47,35 @@ def crop_copyright_banner(image: np.ndarray) -> np.ndarray:
 
 def find_data_root(root: Path) -> Path | None:
     """The folder holding variants.txt, or None."""
-    for candidate in (root, root / "data", root / "fgvc-aircraft-2013b" / "data"):
-        if (candidate / "variants.txt").is_file():
-            return candidate
-    return None
+    candidates = (root, root / "data", root / "fgvc-aircraft-2013b" / "data")
+    return first_folder_holding("variants.txt", candidates)
 
 
-class AircraftSource(ImageListSource):
+class AircraftSource(ListedSource):
     """FGVC-Aircraft variants (see the module docstring)."""
 
-    def __init__(self, root: str | os.PathLike, split: str, *, expected_size: int | None = None):
-        check_split(split)
-        resolved = resolve_root(root)
-        data_root = find_data_root(resolved)
+    dataset_files = FILES
+
+    def locate(self, root: Path) -> Path:
+        """The folder holding variants.txt (see `find_data_root`)."""
+        data_root = find_data_root(root)
         if data_root is None:
-            missing = resolved if not resolved.is_dir() else resolved / "variants.txt"
-            raise DatasetNotFoundError("aircraft", missing, LAYOUT, HOW_TO_GET)
-        self.root = data_root
-        class_names = read_text_lines(data_root / "variants.txt")
+            raise FILES.not_found_under(root, "variants.txt")
+        return data_root
+
+    def read_lists(self, split: str) -> ImageList:
+        """The images of the split's list file, labelled by their line in variants.txt."""
+        class_names = read_text_lines(self.root / "variants.txt")
         index_of_class = {name: i for i, name in enumerate(class_names)}
-        list_file = require_path("aircraft", data_root / LIST_FILES[split], LAYOUT, HOW_TO_GET)
-        require_path("aircraft", data_root / "images", LAYOUT, HOW_TO_GET, is_dir=True)
+        list_file = FILES.require(self.root / LIST_FILES[split])
+        FILES.require(self.root / "images", is_dir=True)
         paths, labels = [], []
         for image_id, variant in read_id_value_table(list_file):
             if variant not in index_of_class:
                 raise ValueError(f"{list_file}: variant {variant!r} is not in variants.txt")
-            paths.append(str(data_root / "images" / f"{image_id}.jpg"))
+            paths.append(str(self.root / "images" / f"{image_id}.jpg"))
             labels.append(index_of_class[variant])
-        super().__init__(
-            name="aircraft",
-            split=split,
-            paths=paths,
-            labels=labels,
-            class_names=class_names,
-            image_transform=crop_copyright_banner,
-            expected_size=expected_size,
-        )
+        return ImageList(paths, labels, class_names, crop_copyright_banner)
 
 
-def open_source(
-    root: str | os.PathLike,
-    split: str,
-    *,
-    seed: int = 0,
-    test_fraction: float = 0.5,
-    expected_size: int | None = None,
-) -> AircraftSource:
-    """`make_source` entry."""
-    del seed, test_fraction
-    return AircraftSource(root, split, expected_size=expected_size)
+open_source = SourceOpener(AircraftSource)

@@ -14,20 +14,13 @@ Layout searched under `root` (the folder where `car_devkit.tgz`, `cars_train.tgz
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from fdh_jax.data.sources.base import (
-    DatasetNotFoundError,
-    ImageListSource,
-    check_split,
-    first_existing,
-    require_path,
-    resolve_root,
-)
+from fdh_jax.data.sources.base import first_existing
 from fdh_jax.data.sources.matlab_lists import load_mat, mat_ints, mat_strings
+from fdh_jax.data.sources.opening import DatasetFiles, ImageList, ListedSource, SourceOpener
 
 ANNOTATION_FILES = {"train": "cars_train_annos.mat", "test": "cars_test_annos_withlabels.mat"}
 IMAGE_FOLDERS = {"train": "cars_train", "test": "cars_test"}
@@ -40,6 +33,7 @@ HOW_TO_GET = (
     "from the Stanford Cars dataset page (ai.stanford.edu/~jkrause/cars/car_dataset.html; the "
     "original host is often offline, use a published mirror of the same files) into ROOT"
 )
+FILES = DatasetFiles("cars", LAYOUT, HOW_TO_GET)
 
 
 def read_cars_annotations(path: Path) -> tuple[list[str], list[int]]:
@@ -56,46 +50,31 @@ def read_cars_annotations(path: Path) -> tuple[list[str], list[int]]:
     return mat_strings(annotations["fname"]), mat_ints(annotations["class"]).tolist()
 
 
-class CarsSource(ImageListSource):
+class CarsSource(ListedSource):
     """Stanford Cars (see the module docstring for the layout searched)."""
 
-    def __init__(self, root: str | os.PathLike, split: str, *, expected_size: int | None = None):
-        check_split(split)
-        self.root = resolve_root(root)
-        if not self.root.is_dir():
-            raise DatasetNotFoundError("cars", self.root, LAYOUT, HOW_TO_GET)
-        meta = require_path("cars", self.root / "devkit" / "cars_meta.mat", LAYOUT, HOW_TO_GET)
+    dataset_files = FILES
+
+    def locate(self, root: Path) -> Path:
+        """`root`, which must be a folder."""
+        return FILES.require(root, is_dir=True)
+
+    def read_lists(self, split: str) -> ImageList:
+        """The split's annotations, with the images in the first of the folders searched."""
+        meta = FILES.require(self.root / "devkit" / "cars_meta.mat")
         class_names = mat_strings(load_mat(meta)["class_names"])
         annotation_name = ANNOTATION_FILES[split]
         candidates = [self.root / annotation_name, self.root / "devkit" / annotation_name]
         annotation_file = first_existing(candidates)
         if annotation_file is None:
-            looked_at = " or ".join(str(c) for c in candidates)
-            raise DatasetNotFoundError("cars", looked_at, LAYOUT, HOW_TO_GET)
+            raise FILES.not_found(*candidates)
         folder = IMAGE_FOLDERS[split]
         image_dir = first_existing([self.root / folder / folder, self.root / folder])
-        image_dir = require_path(
-            "cars", image_dir or self.root / folder, LAYOUT, HOW_TO_GET, is_dir=True
-        )
+        image_dir = FILES.require(image_dir or self.root / folder, is_dir=True)
         files, classes = read_cars_annotations(annotation_file)
-        super().__init__(
-            name="cars",
-            split=split,
-            paths=[str(image_dir / file) for file in files],
-            labels=[c - 1 for c in classes],
-            class_names=class_names,
-            expected_size=expected_size,
+        return ImageList(
+            [str(image_dir / file) for file in files], [c - 1 for c in classes], class_names
         )
 
 
-def open_source(
-    root: str | os.PathLike,
-    split: str,
-    *,
-    seed: int = 0,
-    test_fraction: float = 0.5,
-    expected_size: int | None = None,
-) -> CarsSource:
-    """`make_source` entry."""
-    del seed, test_fraction
-    return CarsSource(root, split, expected_size=expected_size)
+open_source = SourceOpener(CarsSource)

@@ -14,18 +14,16 @@ Labels in the files are 1-based; sources use 0..199.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from fdh_jax.data.sources.base import (
-    DatasetNotFoundError,
-    ImageListSource,
-    check_split,
-    read_id_value_table,
-    require_path,
-    resolve_root,
+from fdh_jax.data.sources.base import read_id_value_table
+from fdh_jax.data.sources.opening import (
+    DatasetFiles,
+    ImageList,
+    ListedSource,
+    SourceOpener,
+    first_folder_holding,
 )
-from fdh_jax.data.sources.tfds_source import TfdsSource, find_prepared_tfds
 
 TFDS_NAME = "caltech_birds2011"
 LAYOUT = """\
@@ -36,31 +34,40 @@ HOW_TO_GET = (
     "download CUB_200_2011.tgz from the Caltech Vision Lab page for CUB-200-2011 "
     "(www.vision.caltech.edu/datasets/cub_200_2011, data.caltech.edu) and extract it"
 )
+FILES = DatasetFiles("cub", LAYOUT, HOW_TO_GET)
 
 
 def find_extracted_root(root: Path) -> Path | None:
     """The folder holding images.txt: `root` or `root/CUB_200_2011`, or None."""
-    for candidate in (root, root / "CUB_200_2011"):
-        if (candidate / "images.txt").is_file():
-            return candidate
-    return None
+    return first_folder_holding("images.txt", (root, root / "CUB_200_2011"))
 
 
-class CubSource(ImageListSource):
+def read_image_tables(
+    files: DatasetFiles, root: Path
+) -> tuple[list[tuple[str, str]], dict[str, str], dict[str, str]]:
+    """The per-image tables of the CUB format (NABirds uses it too), read in this order.
+
+    Returns:
+      image_rows: `(image id, path relative to images/)` in images.txt order.
+      class_of_id: image id -> class id (image_class_labels.txt).
+      is_train_of_id: image id -> "1" (train) or "0" (test) (train_test_split.txt).
+    """
+    image_rows = read_id_value_table(files.require(root / "images.txt"))
+    class_of_id = dict(read_id_value_table(files.require(root / "image_class_labels.txt")))
+    is_train_of_id = dict(read_id_value_table(files.require(root / "train_test_split.txt")))
+    return image_rows, class_of_id, is_train_of_id
+
+
+class CubSource(ListedSource):
     """The extracted CUB-200-2011 archive (layout 1 of the module docstring)."""
 
-    def __init__(self, root: str | os.PathLike, split: str, *, expected_size: int | None = None):
-        check_split(split)
-        self.root = resolve_root(root)
+    dataset_files = FILES
 
-        def require(file_name: str) -> Path:
-            return require_path("cub", self.root / file_name, LAYOUT, HOW_TO_GET)
-
-        image_rows = read_id_value_table(require("images.txt"))
-        class_of_id = dict(read_id_value_table(require("image_class_labels.txt")))
-        is_train_of_id = dict(read_id_value_table(require("train_test_split.txt")))
-        class_rows = read_id_value_table(require("classes.txt"))
-        require_path("cub", self.root / "images", LAYOUT, HOW_TO_GET, is_dir=True)
+    def read_lists(self, split: str) -> ImageList:
+        """The images flagged for `split` in train_test_split.txt, in images.txt order."""
+        image_rows, class_of_id, is_train_of_id = read_image_tables(FILES, self.root)
+        class_rows = read_id_value_table(FILES.require(self.root / "classes.txt"))
+        FILES.require(self.root / "images", is_dir=True)
         class_names = [name for _, name in sorted(class_rows, key=lambda row: int(row[0]))]
         want_train = "1" if split == "train" else "0"
         paths, labels = [], []
@@ -70,38 +77,8 @@ class CubSource(ImageListSource):
             if is_train_of_id[image_id] == want_train:
                 paths.append(str(self.root / "images" / relative_path))
                 labels.append(int(class_of_id[image_id]) - 1)
-        super().__init__(
-            name="cub",
-            split=split,
-            paths=paths,
-            labels=labels,
-            class_names=class_names,
-            expected_size=expected_size,
-        )
+        return ImageList(paths, labels, class_names)
 
 
-def open_source(
-    root: str | os.PathLike,
-    split: str,
-    *,
-    seed: int = 0,
-    test_fraction: float = 0.5,
-    expected_size: int | None = None,
-) -> CubSource | TfdsSource:
-    """`make_source` entry: the extracted archive if found, else a built TFDS copy."""
-    del seed, test_fraction
-    resolved = resolve_root(root)
-    extracted = find_extracted_root(resolved)
-    if extracted is not None:
-        return CubSource(extracted, split, expected_size=expected_size)
-    if find_prepared_tfds(resolved, TFDS_NAME) is not None:
-        return TfdsSource(
-            name="cub",
-            tfds_name=TFDS_NAME,
-            data_dir=resolved,
-            split=split,
-            tfds_split=split,
-            expected_size=expected_size,
-        )
-    missing: Path = resolved if not resolved.is_dir() else resolved / "images.txt"
-    raise DatasetNotFoundError("cub", missing, LAYOUT, HOW_TO_GET)
+# The extracted archive if found, else a built TFDS copy.
+open_source = SourceOpener(CubSource, find_extracted_root, TFDS_NAME, looked_for=("images.txt",))

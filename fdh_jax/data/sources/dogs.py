@@ -12,19 +12,11 @@ Layouts accepted for `root`, in this order:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from fdh_jax.data.sources.base import (
-    DatasetNotFoundError,
-    ImageListSource,
-    check_split,
-    first_existing,
-    require_path,
-    resolve_root,
-)
+from fdh_jax.data.sources.base import first_existing
 from fdh_jax.data.sources.matlab_lists import load_mat, mat_ints, mat_strings
-from fdh_jax.data.sources.tfds_source import TfdsSource, find_prepared_tfds
+from fdh_jax.data.sources.opening import DatasetFiles, ImageList, ListedSource, SourceOpener
 
 TFDS_NAME = "stanford_dogs"
 LAYOUT = """\
@@ -35,6 +27,7 @@ HOW_TO_GET = (
     "download images.tar and lists.tar from the Stanford Dogs Dataset page "
     "(vision.stanford.edu/aditya86/ImageNetDogs) and extract both into ROOT"
 )
+FILES = DatasetFiles("dogs", LAYOUT, HOW_TO_GET)
 
 
 def read_dogs_list(path: Path) -> tuple[list[str], list[int]]:
@@ -50,25 +43,31 @@ def read_dogs_list(path: Path) -> tuple[list[str], list[int]]:
 
 
 def find_list(root: Path, split: str) -> Path | None:
+    """`root/lists/<split>_list.mat` or `root/<split>_list.mat`, the first that exists, or None."""
     name = f"{split}_list.mat"
     return first_existing([root / "lists" / name, root / name])
 
 
-class DogsSource(ImageListSource):
+def find_extracted_root(root: Path) -> Path | None:
+    """`root` if it holds the train list (see `find_list`), else None."""
+    return root if find_list(root, "train") is not None else None
+
+
+class DogsSource(ListedSource):
     """The extracted Stanford Dogs archives (layout 1 of the module docstring)."""
 
-    def __init__(self, root: str | os.PathLike, split: str, *, expected_size: int | None = None):
-        check_split(split)
-        self.root = resolve_root(root)
+    dataset_files = FILES
+
+    def read_lists(self, split: str) -> ImageList:
+        """Split `split` of the MATLAB lists; class names come from both lists' folders."""
         lists = {}
         for list_split in ("train", "test"):
             list_path = find_list(self.root, list_split)
             if list_path is None:
                 name = f"{list_split}_list.mat"
-                looked_at = f"{self.root / 'lists' / name} or {self.root / name}"
-                raise DatasetNotFoundError("dogs", looked_at, LAYOUT, HOW_TO_GET)
+                raise FILES.not_found(self.root / "lists" / name, self.root / name)
             lists[list_split] = read_dogs_list(list_path)
-        require_path("dogs", self.root / "Images", LAYOUT, HOW_TO_GET, is_dir=True)
+        FILES.require(self.root / "Images", is_dir=True)
         folder_of_label: dict[int, str] = {}
         for files, labels in lists.values():
             for file, label in zip(files, labels, strict=True):
@@ -80,36 +79,13 @@ class DogsSource(ImageListSource):
             raise ValueError(f"dogs: labels are not 1..{num_classes} without gaps")
         class_names = [folder_of_label[k].split("-", 1)[-1] for k in range(1, num_classes + 1)]
         files, labels = lists[split]
-        super().__init__(
-            name="dogs",
-            split=split,
-            paths=[str(self.root / "Images" / file) for file in files],
-            labels=[label - 1 for label in labels],
-            class_names=class_names,
-            expected_size=expected_size,
+        return ImageList(
+            [str(self.root / "Images" / file) for file in files],
+            [label - 1 for label in labels],
+            class_names,
         )
 
 
-def open_source(
-    root: str | os.PathLike,
-    split: str,
-    *,
-    seed: int = 0,
-    test_fraction: float = 0.5,
-    expected_size: int | None = None,
-) -> DogsSource | TfdsSource:
-    """`make_source` entry: the extracted archives if found, else a built TFDS copy."""
-    del seed, test_fraction
-    resolved = resolve_root(root)
-    if find_list(resolved, "train") is None and find_prepared_tfds(resolved, TFDS_NAME):
-        return TfdsSource(
-            name="dogs",
-            tfds_name=TFDS_NAME,
-            data_dir=resolved,
-            split=split,
-            tfds_split=split,
-            expected_size=expected_size,
-        )
-    if not resolved.is_dir():
-        raise DatasetNotFoundError("dogs", resolved, LAYOUT, HOW_TO_GET)
-    return DogsSource(resolved, split, expected_size=expected_size)
+# The extracted archives if the train list is found, else a built TFDS copy; with neither, a
+# folder goes to DogsSource, which names the missing list in both places it may be.
+open_source = SourceOpener(DogsSource, find_extracted_root, TFDS_NAME)

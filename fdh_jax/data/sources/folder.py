@@ -36,12 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from fdh_jax.data.decode import BadImage, os_error_reason
-from fdh_jax.data.sources.base import (
-    DatasetNotFoundError,
-    ImageListSource,
-    check_split,
-    resolve_root,
-)
+from fdh_jax.data.sources.base import ImageListSource, check_split, resolve_root
+from fdh_jax.data.sources.opening import DatasetFiles
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
 SPLIT_FILE = "split.csv"
@@ -52,6 +48,7 @@ _LAYOUT = """\
                                     split = train|test); without it a seeded per-class split
   image files: .jpg .jpeg .png .bmp .webp .gif"""
 _HOW_TO_GET = "any folder of your own images, one sub-folder per class"
+_FILES = DatasetFiles("folder", _LAYOUT, _HOW_TO_GET)
 
 
 def _is_image_entry(entry: os.DirEntry) -> bool:
@@ -109,7 +106,7 @@ def _class_folders(directory: Path) -> list[str]:
 def find_images_directory(root: Path) -> Path:
     """The folder whose sub-folders are the classes: `root/images` if it has any, else `root`."""
     if not root.is_dir():
-        raise DatasetNotFoundError("folder", root, _LAYOUT, _HOW_TO_GET)
+        raise _FILES.not_found(root)
     nested = root / "images"
     try:
         if nested.is_dir() and _class_folders(nested):
@@ -117,10 +114,8 @@ def find_images_directory(root: Path) -> Path:
         if _class_folders(root):
             return root
     except OSError as error:  # the dataset folder itself cannot be listed
-        raise DatasetNotFoundError(
-            "folder", f"{error.filename or root} ({os_error_reason(error)})", _LAYOUT, _HOW_TO_GET
-        ) from None
-    raise DatasetNotFoundError("folder", root / "<class>" / "<image file>", _LAYOUT, _HOW_TO_GET)
+        raise _FILES.not_found(f"{error.filename or root} ({os_error_reason(error)})") from None
+    raise _FILES.not_found(root / "<class>" / "<image file>")
 
 
 def _something_at(path: Path) -> bool:
@@ -254,11 +249,8 @@ class FolderSource(ImageListSource):
             classes.append(class_name)
         if missing:
             shown = "\n  ".join(missing[:10])
-            raise DatasetNotFoundError(
-                "folder",
-                f"{len(missing)} file(s) listed in {split_file}, e.g.\n  {shown}",
-                _LAYOUT,
-                _HOW_TO_GET,
+            raise _FILES.not_found(
+                f"{len(missing)} file(s) listed in {split_file}, e.g.\n  {shown}"
             )
         return paths, classes, class_names
 

@@ -12,16 +12,9 @@ image labelled with an inner node of the hierarchy is an error.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-from fdh_jax.data.sources.base import (
-    ImageListSource,
-    check_split,
-    read_id_value_table,
-    require_path,
-    resolve_root,
-)
+from fdh_jax.data.sources.base import read_id_value_table
+from fdh_jax.data.sources.cub import read_image_tables
+from fdh_jax.data.sources.opening import DatasetFiles, ImageList, ListedSource, SourceOpener
 
 LAYOUT = """\
   ROOT/images.txt, image_class_labels.txt, train_test_split.txt, classes.txt, hierarchy.txt,
@@ -30,24 +23,20 @@ HOW_TO_GET = (
     "request and download nabirds.tar.gz from the Cornell Lab of Ornithology NABirds page "
     "(dl.allaboutbirds.org/nabirds) and extract it"
 )
+FILES = DatasetFiles("nabirds", LAYOUT, HOW_TO_GET)
 
 
-class NabirdsSource(ImageListSource):
+class NabirdsSource(ListedSource):
     """NABirds leaf classes (see the module docstring)."""
 
-    def __init__(self, root: str | os.PathLike, split: str, *, expected_size: int | None = None):
-        check_split(split)
-        self.root = resolve_root(root)
+    dataset_files = FILES
 
-        def require(file_name: str) -> Path:
-            return require_path("nabirds", self.root / file_name, LAYOUT, HOW_TO_GET)
-
-        image_rows = read_id_value_table(require("images.txt"))
-        class_of_id = dict(read_id_value_table(require("image_class_labels.txt")))
-        is_train_of_id = dict(read_id_value_table(require("train_test_split.txt")))
-        name_of_class = dict(read_id_value_table(require("classes.txt")))
-        parent_rows = read_id_value_table(require("hierarchy.txt"))
-        require_path("nabirds", self.root / "images", LAYOUT, HOW_TO_GET, is_dir=True)
+    def read_lists(self, split: str) -> ImageList:
+        """The images flagged for `split`, labelled by leaf class (see the module docstring)."""
+        image_rows, class_of_id, is_train_of_id = read_image_tables(FILES, self.root)
+        name_of_class = dict(read_id_value_table(FILES.require(self.root / "classes.txt")))
+        parent_rows = read_id_value_table(FILES.require(self.root / "hierarchy.txt"))
+        FILES.require(self.root / "images", is_dir=True)
 
         unlabelled = [image_id for image_id, _ in image_rows if image_id not in class_of_id]
         if unlabelled:
@@ -72,24 +61,7 @@ class NabirdsSource(ImageListSource):
             if is_train_of_id[image_id] == want_train:
                 paths.append(str(self.root / "images" / relative_path))
                 labels.append(label_of_class[class_of_id[image_id]])
-        super().__init__(
-            name="nabirds",
-            split=split,
-            paths=paths,
-            labels=labels,
-            class_names=[name_of_class[class_id] for class_id in leaf_ids],
-            expected_size=expected_size,
-        )
+        return ImageList(paths, labels, [name_of_class[class_id] for class_id in leaf_ids])
 
 
-def open_source(
-    root: str | os.PathLike,
-    split: str,
-    *,
-    seed: int = 0,
-    test_fraction: float = 0.5,
-    expected_size: int | None = None,
-) -> NabirdsSource:
-    """`make_source` entry."""
-    del seed, test_fraction
-    return NabirdsSource(root, split, expected_size=expected_size)
+open_source = SourceOpener(NabirdsSource)

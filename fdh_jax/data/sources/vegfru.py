@@ -10,17 +10,10 @@ database) and query with `vegfru_test.txt`; the test list's size is not checked 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from fdh_jax.data.sources.base import (
-    DatasetNotFoundError,
-    ImageListSource,
-    check_split,
-    read_text_lines,
-    require_path,
-    resolve_root,
-)
+from fdh_jax.data.sources.base import read_text_lines
+from fdh_jax.data.sources.opening import DatasetFiles, ImageList, ListedSource, SourceOpener
 
 LAYOUT = """\
   ROOT/vegfru_list/vegfru_train.txt, ROOT/vegfru_list/vegfru_test.txt  (<relative path> <label>)
@@ -29,6 +22,7 @@ HOW_TO_GET = (
     "download the list files and the veg200_images / fru92_images archives linked from the "
     "VegFru page of the USTC VIM lab (vim.ustc.edu.cn; GitHub ustc-vim/vegfru) into ROOT"
 )
+FILES = DatasetFiles("vegfru", LAYOUT, HOW_TO_GET)
 
 
 def read_vegfru_list(path: Path) -> list[tuple[str, int]]:
@@ -42,20 +36,21 @@ def read_vegfru_list(path: Path) -> list[tuple[str, int]]:
     return rows
 
 
-class VegfruSource(ImageListSource):
+class VegfruSource(ListedSource):
     """VegFru (see the module docstring)."""
 
-    def __init__(self, root: str | os.PathLike, split: str, *, expected_size: int | None = None):
-        check_split(split)
-        self.root = resolve_root(root)
-        if not self.root.is_dir():
-            raise DatasetNotFoundError("vegfru", self.root, LAYOUT, HOW_TO_GET)
+    dataset_files = FILES
+
+    def locate(self, root: Path) -> Path:
+        """`root`, which must be a folder."""
+        return FILES.require(root, is_dir=True)
+
+    def read_lists(self, split: str) -> ImageList:
+        """The split's list; class names are the image folders, read from both lists."""
         rows = {}
         for list_split in ("train", "test"):
             list_path = self.root / "vegfru_list" / f"vegfru_{list_split}.txt"
-            rows[list_split] = read_vegfru_list(
-                require_path("vegfru", list_path, LAYOUT, HOW_TO_GET)
-            )
+            rows[list_split] = read_vegfru_list(FILES.require(list_path))
         folder_of_label: dict[int, str] = {}
         for list_rows in rows.values():
             for relative_path, label in list_rows:
@@ -65,24 +60,11 @@ class VegfruSource(ImageListSource):
         num_classes = max(folder_of_label) + 1
         if sorted(folder_of_label) != list(range(num_classes)):
             raise ValueError(f"vegfru: labels are not 0..{num_classes - 1} without gaps")
-        super().__init__(
-            name="vegfru",
-            split=split,
-            paths=[str(self.root / relative_path) for relative_path, _ in rows[split]],
-            labels=[label for _, label in rows[split]],
-            class_names=[folder_of_label[k] for k in range(num_classes)],
-            expected_size=expected_size,
+        return ImageList(
+            [str(self.root / relative_path) for relative_path, _ in rows[split]],
+            [label for _, label in rows[split]],
+            [folder_of_label[k] for k in range(num_classes)],
         )
 
 
-def open_source(
-    root: str | os.PathLike,
-    split: str,
-    *,
-    seed: int = 0,
-    test_fraction: float = 0.5,
-    expected_size: int | None = None,
-) -> VegfruSource:
-    """`make_source` entry."""
-    del seed, test_fraction
-    return VegfruSource(root, split, expected_size=expected_size)
+open_source = SourceOpener(VegfruSource)
