@@ -76,6 +76,8 @@ class TfdsSource:
         tfds_split: str,
         expected_size: int | None = None,
     ):
+        """Opens the TFDS build of `tfds_name` in `data_dir` (never downloads). TFDS is imported
+        here, only when a TFDS copy is used: it is a heavy import that no other layout needs."""
         self.name = name
         self.split = check_split(split)
         self.tfds_name = tfds_name
@@ -83,7 +85,7 @@ class TfdsSource:
         self.data_dir = Path(data_dir)
         if find_prepared_tfds(self.data_dir, tfds_name) is None:
             raise tfds_not_prepared_error(name, tfds_name, self.data_dir)
-        import tensorflow_datasets as tfds  # heavy import, only when a TFDS copy is used
+        import tensorflow_datasets as tfds  # noqa: PLC0415
 
         def open_records(encoded: list[str]):
             return tfds.data_source(
