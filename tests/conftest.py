@@ -41,6 +41,11 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The shared data and weights, read at run time (tests that need them skip when absent).
+SHARED = Path(os.environ.get("FDH_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+TFLITE_PATH = SHARED / "weights" / "mobilenet_v2_1.0_224_ptq.tflite"
+
+
 def load_config(name: str):
     """`configs/<name>.py`'s `get_config()`."""
     return config_files.load_config(REPO / "configs" / f"{name}.py")
@@ -103,3 +108,12 @@ def run_on_fake_devices(script: str, num_devices: int = 4) -> dict:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """`(folder dataset root, feature-cache directory)` in `tmp_path` (`folder_datasets`); the
+    helper is imported here since `folder_datasets` imports this module."""
+    from folder_datasets import write_folder_dataset  # noqa: PLC0415
+
+    return write_folder_dataset(tmp_path / "data"), tmp_path / "cache"

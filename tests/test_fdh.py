@@ -4,33 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_models import random_images, tiny_model
 
 from fdh_jax.models.backbones import get_backbone
-from fdh_jax.models.fdh import FDHMFE
-
-
-def _tiny(freeze_backbone: bool = False, **fields) -> FDHMFE:
-    """A model that runs in milliseconds on 32-px images; `fields` set other attributes."""
-    return FDHMFE(
-        num_classes=5,
-        bits=(6, 10),
-        backbone="resnet_narrow",
-        width=8,
-        node_dim=16,
-        gnn_heads=2,
-        gnn_layers=1,
-        freeze_backbone=freeze_backbone,
-        **fields,
-    )
-
-
-def _images(seed: int = 0) -> jnp.ndarray:
-    return jnp.asarray(np.random.default_rng(seed).normal(size=(3, 32, 32, 3)), jnp.float32)
 
 
 def test_hash_heads_read_the_l2_normalised_descriptor():
-    model = _tiny()
-    images = _images()
+    model = tiny_model()
+    images = random_images()
     variables = model.init(jax.random.key(0), images)
     outputs = model.apply(variables, images)
     z = np.asarray(outputs["descriptor"], np.float64)
@@ -42,8 +23,8 @@ def test_hash_heads_read_the_l2_normalised_descriptor():
 
 
 def test_precomputed_stage_maps_give_the_same_outputs_and_gradients():
-    model = _tiny(freeze_backbone=True)
-    images = _images(1)
+    model = tiny_model(freeze_backbone=True)
+    images = random_images(1)
     variables = model.init(jax.random.key(1), images)
     backbone = get_backbone("resnet_narrow", width=8)
     backbone_variables = {
@@ -79,7 +60,7 @@ def test_precomputed_stage_maps_give_the_same_outputs_and_gradients():
 
 
 def test_incomplete_stage_maps_name_what_is_missing():
-    model = _tiny(freeze_backbone=True)
+    model = tiny_model(freeze_backbone=True)
     maps = {"C4": jnp.zeros((1, 4, 4, 16)), "C5": jnp.zeros((1, 2, 2, 32))}
     with pytest.raises(ValueError, match=r"lack C3: the model uses C3, C4, C5 .*got C4, C5"):
         model.init(jax.random.key(0), maps)

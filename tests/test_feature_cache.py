@@ -6,58 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, load_config, shrink
+from conftest import REPO
+from frozen_backbone import VIEWS, backbone_variables, cached, entries, frozen_config
 from PIL import Image
-from test_pretrained_training import write_folder_dataset
 
-from fdh_jax import parallel
 from fdh_jax.data import load_splits
 from fdh_jax.models.backbones import get_backbone
 from fdh_jax.training import feature_cache
 from fdh_jax.training.train import train_and_evaluate
-
-VIEWS = 3
-
-
-def frozen_config(root: Path, cache: Path, steps: int = 4):
-    config = load_config("folder")
-    config.data.root = str(root)
-    config.data.image_size = config.data.eval_resize = 32
-    config.data.feature_cache = str(cache)
-    config.data.cached_views = VIEWS
-    config.model.backbone = "resnet_narrow"
-    config.model.pretrained = ""  # folder.py's default is ImageNet ResNet-50
-    config.model.width = 8
-    config.model.freeze_backbone = True
-    shrink(config, steps)
-    config.train.optimizer = "adamw"
-    config.train.learning_rate = 1e-2
-    return config
-
-
-def backbone_variables(config, seed: int = 0) -> dict:
-    backbone = get_backbone(config.model.backbone, width=config.model.width)
-    return jax.jit(lambda: backbone.init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3))))()
-
-
-def cached(config, cache: Path, variables: dict, split: str = "train", views: int = VIEWS):
-    source = load_splits(config, (split,))[split]
-    return feature_cache.cached_stage_maps(
-        config, source, variables, parallel.make_mesh(), views, cache
-    )
-
-
-@pytest.fixture
-def dataset(tmp_path):
-    return write_folder_dataset(tmp_path / "data"), tmp_path / "cache"
-
-
-def entries(cache: Path) -> list[Path]:
-    return sorted(p for p in (cache / "stage_maps").iterdir() if not p.name.startswith("."))
 
 
 def test_cached_views_are_the_backbone_maps_of_each_crop(dataset):
@@ -135,7 +93,7 @@ _WRITER = """
 import sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
-from test_feature_cache import backbone_variables, cached, frozen_config
+from frozen_backbone import backbone_variables, cached, frozen_config
 config = frozen_config(Path({root!r}), Path({cache!r}))
 maps = cached(config, Path({cache!r}), backbone_variables(config))
 print(maps.directory)
@@ -167,7 +125,7 @@ _KILLED = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
-from test_feature_cache import frozen_config
+from frozen_backbone import frozen_config
 from fdh_jax.training import checkpointing
 from fdh_jax.training import train
 save = checkpointing.save_checkpoint

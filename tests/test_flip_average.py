@@ -7,8 +7,8 @@ import json
 import jax
 import numpy as np
 import pytest
-from test_fdh import _images, _tiny
-from test_feature_cache import backbone_variables, dataset, entries, frozen_config  # noqa: F401
+from frozen_backbone import backbone_variables, entries, frozen_config
+from tiny_models import random_images, tiny_model
 
 from fdh_jax import parallel
 from fdh_jax.data import load_splits
@@ -25,11 +25,11 @@ from fdh_jax.training.train import train_and_evaluate
 
 
 def _model(flip: bool) -> FDHMFE:
-    return _tiny(flip_average=flip)
+    return tiny_model(flip_average=flip)
 
 
 def test_flip_averaged_outputs_are_the_mean_of_the_image_and_its_mirror():
-    images = _images()
+    images = random_images()
     plain, flipped = _model(False), _model(True)
     variables = plain.init(jax.random.key(1), images)
     # The switch adds no variables: a model trained without it can encode with it.
@@ -59,7 +59,7 @@ def test_flip_averaged_outputs_are_the_mean_of_the_image_and_its_mirror():
 
 
 def test_precomputed_maps_need_and_use_the_mirror_images_maps():
-    images = _images(3)
+    images = random_images(3)
     model = _model(True)
     variables = model.init(jax.random.key(4), images)
     backbone = get_backbone("resnet_narrow", width=8)

@@ -13,10 +13,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config, shrink
-from PIL import Image
-from safetensors.numpy import save_file
-from test_pretrained import TFLITE_PATH, _torch_resnet
+from conftest import TFLITE_PATH
+from folder_datasets import (
+    IMAGE_SIZE,
+    NUM_CLASSES,
+    PER_CLASS,
+    STEPS,
+    pretrained_config,
+    resnet18_file,
+    write_folder_dataset,
+)
 
 from fdh_jax import parallel
 from fdh_jax.models.backbones import get_backbone
@@ -27,34 +33,6 @@ from fdh_jax.training.losses import total_loss
 from fdh_jax.training.optimizer import make_optimizer
 from fdh_jax.training.step import create_train_state
 from fdh_jax.training.train import train_and_evaluate
-
-NUM_CLASSES, PER_CLASS, IMAGE_SIZE, STEPS = 4, 4, 64, 2
-
-
-def write_folder_dataset(root: Path) -> Path:
-    """`root/<class>/<i>.png`: 4 classes x 4 noisy 48x40 images with a class colour."""
-    rng = np.random.default_rng(0)
-    for label in range(NUM_CLASSES):
-        colour = np.array([60 * label, 255 - 50 * label, 40 + 30 * label])
-        (root / f"class_{label}").mkdir(parents=True)
-        for index in range(PER_CLASS):
-            pixels = np.clip(colour + rng.normal(0, 40, (48, 40, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / f"class_{label}" / f"{index}.png")
-    return root
-
-
-def pretrained_config(root: Path, backbone: str, weights: Path, freeze: bool):
-    config = load_config("folder")
-    config.data.root = str(root)
-    config.data.image_size = config.data.eval_resize = IMAGE_SIZE
-    config.model.backbone = backbone
-    config.model.pretrained = str(weights)
-    config.model.freeze_backbone = freeze
-    shrink(config, STEPS)
-    config.train.optimizer = "adamw"
-    config.train.learning_rate = 1e-2
-    config.train.checkpoint_every = STEPS
-    return config
 
 
 def file_backbone_variables(backbone: str, weights: Path) -> dict:
@@ -105,14 +83,6 @@ def max_change(before, after) -> float:
     )
 
 
-def _resnet18_file(tmp_path: Path) -> Path:
-    pytest.importorskip("torch")
-    path = tmp_path / "resnet18.safetensors"
-    state = _torch_resnet(18, 10).state_dict()
-    save_file({key: value.numpy() for key, value in state.items()}, str(path))
-    return path
-
-
 def _tflite_file() -> Path:
     if not TFLITE_PATH.is_file():
         pytest.skip(f"shared weights absent: {TFLITE_PATH}")
@@ -121,7 +91,7 @@ def _tflite_file() -> Path:
 
 @pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2"])
 def test_frozen_pretrained_backbone_is_the_file_after_training(tmp_path, backbone):
-    weights = _resnet18_file(tmp_path) if backbone == "resnet18" else _tflite_file()
+    weights = resnet18_file(tmp_path) if backbone == "resnet18" else _tflite_file()
     root = write_folder_dataset(tmp_path / "data")
     config = pretrained_config(root, backbone, weights, freeze=True)
     results, initial, trained = train_and_restore(config, tmp_path / "run")

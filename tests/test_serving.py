@@ -16,12 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO
+from folder_datasets import pretrained_config, resnet18_file, write_folder_dataset
 from PIL import Image
-from test_pretrained_training import (
-    _resnet18_file,
-    pretrained_config,
-    write_folder_dataset,
-)
 
 from fdh_jax.common.checksums import variables_fingerprint
 from fdh_jax.data.sources.image_files import ImageFilesSource
@@ -64,7 +60,7 @@ def _write_unseen_classes(root: Path) -> Path:
 def served(tmp_path_factory):
     """A trained workdir whose dataset and weights file have been renamed away."""
     tmp = tmp_path_factory.mktemp("serving")
-    weights = _resnet18_file(tmp)
+    weights = resnet18_file(tmp)
     data = write_folder_dataset(tmp / "data")
     photos = tmp / "photos"
     photos.mkdir()
