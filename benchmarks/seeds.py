@@ -7,9 +7,9 @@
 Everything after `--` goes to `python -m fdh_jax.main` unchanged; each seed trains in
 `ROOT/seed_<s>` with `--config.seed=<s>` (a finished seed is not rerun: its `results.json` is
 read; an interrupted one resumes). Runs share the feature cache, so only the first extracts the
-backbone's maps. The table has the query-split mAP (what the README reports) and, when the config
-holds out a validation split, the validation mAP of the checkpoint each run selected: only the
-latter may be used to choose between configs.
+backbone's maps. The table has the query-split mAP (what docs/results.md reports) and, when the
+config holds out a validation split, the validation mAP of the checkpoint each run selected: only
+the latter may be used to choose between configs.
 """
 
 import argparse

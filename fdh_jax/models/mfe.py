@@ -73,7 +73,7 @@ def stage_nodes(
     All four are linear in `F` and `F w`, so they come from the spatial and region sums of those
     two maps, which are one batched matrix product of `F` with `[B, 2 (1 + g * g), H * W]`
     pooling rows: XLA's CPU backend runs that multi-threaded, while reducing the full-resolution
-    map elementwise took most of the train step (README "Real photos").
+    map elementwise took most of the train step (docs/results.md, "Real photos").
     """
     batch, height, width, dim = features.shape
     area = height * width

@@ -20,7 +20,7 @@ each split also gets an entry of one view, the mirror image of view 0, whose map
 view 0 under `"mirrored"`; it is a separate entry, so turning the switch on or off leaves the
 training views' entry (and training) as it is. Compared with fresh crops at every step, training
 sees `V` fixed crops per image; the count is the trade between augmentation and extraction time
-(README, "Real photos").
+(docs/results.md, "Real photos").
 
 **Key.** An entry lives in `<cache>/stage_maps/<key>/` where `key` is a SHA-256 over everything
 the maps depend on: the format version, the backbone (name, width, compute dtype), the SHA-256 of
