@@ -8,6 +8,12 @@ Modes:
           the codes to those images (new classes)
   search  rank `--index` for the image(s) at `--query`, print the top `--topk`
   export  serialise the encoder into `--export_dir` (jax.export; see fdh_jax/serving/export.py)
+  add     add the photos at `--images` to `--collection` (created from `--workdir` if new),
+          with `--ids` or their paths as ids; re-adding an id replaces it
+  remove  remove the items `--ids` from `--collection`
+  duplicates  print the groups of `--collection` items within `--max_distance` bits
+  compact rewrite `--collection` without its removed items
+  search with `--collection`: rank its items for `--query` photos (or the items `--ids`)
 Only training needs `--config`: the other modes read the model from the workdir (config.json,
 model.json, checkpoints), which training writes and nothing else rewrites; encode and search
 also take an export directory as `--workdir`. Given to another mode, `--config` supplies the data
@@ -34,9 +40,21 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "encode", "search", "export"], "What to do.")
+flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "eval", "encode", "search", "export", "add", "remove", "duplicates", "compact"],
+    "What to do.",
+)
 flags.DEFINE_enum("split", "train", ["train", "test"], "encode: the split to hash.")
-flags.DEFINE_string("images", None, "encode: a folder of images to hash instead of a split.")
+flags.DEFINE_string(
+    "images", None, "encode: a folder of images to hash instead of a split; add: files, folders."
+)
+flags.DEFINE_string("collection", None, "add/remove/search/duplicates/compact: its directory.")
+flags.DEFINE_string(
+    "ids", None, "add/remove/search: item ids, comma-separated (@FILE: one a line)."
+)
+flags.DEFINE_integer("max_distance", 0, "duplicates: the largest Hamming distance of a pair.")
 flags.DEFINE_string("index", None, "encode: where to write the index; search: the index to use.")
 flags.DEFINE_string("query", None, "search: an image file or a folder of images.")
 flags.DEFINE_integer("topk", 10, "search: how many results per query.")
@@ -61,7 +79,7 @@ flags.DEFINE_integer(
     "num_processes", None, "Multi-process: process count (else JAX_NUM_PROCESSES)."
 )
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's id (else JAX_PROCESS_ID).")
-flags.mark_flags_as_required(["workdir"])
+COLLECTION_MODES = ("add", "remove", "duplicates", "compact")
 
 
 def _run_mode() -> None:
@@ -69,6 +87,11 @@ def _run_mode() -> None:
     file: `--help` and flag errors stay fast, and the serving modes never import the training
     loop."""
     mode, workdir, config, step = FLAGS.mode, FLAGS.workdir, FLAGS.config, FLAGS.step
+    if mode in COLLECTION_MODES or (mode == "search" and FLAGS.collection):
+        _run_collection_mode()
+        return
+    if workdir is None:
+        raise app.UsageError(f"--mode={mode} needs --workdir=DIR")
     if FLAGS.adapt and mode not in ("eval", "encode"):
         # search takes the fit from the index; train and export have no collection to fit.
         raise app.UsageError(f"--adapt applies to --mode=eval and --mode=encode, not {mode}")
@@ -115,6 +138,34 @@ def _run_mode() -> None:
         print(indexing.format_search(hits), flush=True)
 
 
+def _run_collection_mode() -> None:
+    """The collection modes (fdh_jax/serving/collection_modes.py); an add that left out
+    unreadable photos exits with status 1."""
+    mode = FLAGS.mode
+    if not FLAGS.collection:
+        raise app.UsageError(f"--mode={mode} needs --collection=DIR")
+    if mode == "add" and not FLAGS.images:
+        raise app.UsageError("--mode=add needs --images=FILES_OR_FOLDERS")
+    if mode == "remove" and not FLAGS.ids:
+        raise app.UsageError("--mode=remove needs --ids=ID,ID,... (or @FILE)")
+    from fdh_jax.serving import collection_modes as modes  # noqa: PLC0415
+
+    collection = modes.open_for_cli(FLAGS.collection, FLAGS.workdir, FLAGS.step, mode == "add")
+    if mode == "add":
+        status = modes.add_photos(collection, FLAGS.images, FLAGS.ids)
+        if status:
+            sys.exit(status)
+    elif mode == "remove":
+        modes.remove_items(collection, FLAGS.ids)
+    elif mode == "search":
+        modes.search_collection(collection, FLAGS.query, FLAGS.ids, FLAGS.topk, FLAGS.bits)
+    elif mode == "duplicates":
+        modes.print_duplicates(collection, FLAGS.max_distance, FLAGS.bits)
+    else:
+        collection.compact()
+        print(f"Compacted {collection.directory} ({len(collection)} items)", flush=True)
+
+
 PREEMPTED_EXIT_STATUS = 143  # 128 + SIGTERM: not finished, so schedulers and loops rerun it
 
 
@@ -123,7 +174,9 @@ def main(argv):
     here, after the flags are parsed, to keep `--help` and flag errors fast."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if "://" in FLAGS.workdir:  # pathlib would silently turn gs://b/x into the local gs:/b/x
+    if (
+        FLAGS.workdir and "://" in FLAGS.workdir
+    ):  # pathlib would silently turn gs://b/x into the local gs:/b/x
         print(
             f"fdh_jax: error: --workdir={FLAGS.workdir}: URLs are not supported; mount the bucket "
             "(e.g. gcsfuse, as launch/tpu_pod.sh does) and pass the mount path",
@@ -174,6 +227,7 @@ def _expected_errors() -> tuple[type[Exception], ...]:
     from fdh_jax.models.pretrained import PretrainedWeightsError  # noqa: PLC0415
     from fdh_jax.search.adaptation import CollectionTooSmallError  # noqa: PLC0415
     from fdh_jax.search.bits import IndexFileError  # noqa: PLC0415
+    from fdh_jax.search.segments import CollectionError  # noqa: PLC0415
     from fdh_jax.serving.encoder import EncoderRequestError  # noqa: PLC0415
     from fdh_jax.training.checkpointing import (  # noqa: PLC0415
         DamagedCheckpointsError,
@@ -193,6 +247,7 @@ def _expected_errors() -> tuple[type[Exception], ...]:
         ModelFileError,
         EncoderRequestError,
         IndexFileError,
+        CollectionError,
         PretrainedWeightsError,
         FileNotFoundError,
         FileExistsError,  # --export_dir holds something else

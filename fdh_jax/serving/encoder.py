@@ -96,6 +96,7 @@ class Encoder:
         self.preprocessing = description["preprocessing"]
         self.class_names = list(description.get("class_names", []))
         self.batch_size = int(training_config["eval"]["batch_size"])
+        self.source_path: str | None = None  # set by `load_encoder`
 
     @property
     def bits(self) -> tuple[int, ...]:

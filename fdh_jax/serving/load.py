@@ -17,18 +17,22 @@ def load_encoder(path: str | os.PathLike, step: int | None = None) -> Encoder:
     `ModelFileError` or `NoCheckpointError` with one line naming the file at fault.
 
     The workdir encoder is imported only for a workdir: loading an export must not import Flax,
-    Orbax or the model code (`exported_encoder.py`).
+    Orbax or the model code (`exported_encoder.py`). The encoder's `source_path` is the
+    folder's absolute path (a collection records it, to load the same model again).
     """
     path = Path(path)
     if (path / EXPORT_FILE).is_file():
         if step is not None:
             raise EncoderRequestError(f"{path} is an export: --step applies to workdirs only")
-        return load_export(path)
-    if (path / CONFIG_FILE).is_file() or (path / "checkpoints").is_dir():
+        encoder = load_export(path)
+    elif (path / CONFIG_FILE).is_file() or (path / "checkpoints").is_dir():
         from fdh_jax.serving.workdir_encoder import restore_encoder  # noqa: PLC0415
 
-        return restore_encoder(path, step)
-    raise ModelFileError(
-        f"{path}: neither a training workdir (config.json, model.json, checkpoints/) nor an "
-        f"export directory ({EXPORT_FILE})"
-    )
+        encoder = restore_encoder(path, step)
+    else:
+        raise ModelFileError(
+            f"{path}: neither a training workdir (config.json, model.json, checkpoints/) nor an "
+            f"export directory ({EXPORT_FILE})"
+        )
+    encoder.source_path = str(path.resolve())
+    return encoder
