@@ -39,7 +39,13 @@ import numpy as np
 
 from fdh_jax.data.decode import BadImageError, decode_image
 from fdh_jax.search import segments as store
-from fdh_jax.search.bits import InvalidCodesError, as_sign_codes, pack_codes, pack_words64
+from fdh_jax.search.bits import (
+    InvalidCodesError,
+    as_sign_codes,
+    pack_codes,
+    pack_words64,
+    unpack_codes,
+)
 from fdh_jax.search.duplicates import connected_groups, pairs_within_scan, range_probe_cost
 from fdh_jax.search.hash_index import prefer_multi_index
 from fdh_jax.search.multi_index import MultiIndexHashing
@@ -354,6 +360,13 @@ class Collection:
         """The ids of the live items, in insertion order."""
         with self._lock:
             return [self._table.ids[row] for row in self._table.live_rows()]
+
+    def codes(self, bits: int | None = None) -> np.ndarray:
+        """`[N, K]` int8 codes of the live items in insertion order (`bits`: K, default the
+        longest), e.g. to build a `HashIndex` or evaluate."""
+        length = self._length(bits)
+        with self._lock:
+            return unpack_codes(self._table.packed(self._table.live_rows(), length), length)
 
     def get(self, item_id: str) -> Item:
         """The item with this id; `UnknownIdError` if there is none."""
