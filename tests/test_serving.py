@@ -21,6 +21,7 @@ from PIL import Image
 
 from fdh_jax.common.checksums import variables_fingerprint
 from fdh_jax.data.sources.image_files import ImageFilesSource
+from fdh_jax.search.collection import open_collection
 from fdh_jax.search.hash_index import HashIndex
 from fdh_jax.serving.encoder import EncoderRequestError
 from fdh_jax.serving.export import export_encoder
@@ -192,6 +193,58 @@ def test_serving_failures_are_one_line(served):
     assert adapted.returncode == 2 and adapted.stderr.count("\n") == 1
     assert "need the training workdir" in adapted.stderr
     assert not (tmp / "adapted.npz").exists()
+
+
+def test_collection_modes_from_the_command_line(served, tmp_path):
+    """add (creating the collection from the workdir), search, remove, duplicates and compact
+    through the CLI; results equal a fresh `--mode=encode` index of the same photos."""
+    tmp, workdir, photos, _ = served
+    collection = tmp_path / "collection"
+    added = _cli(f"--workdir={workdir}", "--mode=add", f"--collection={collection}",
+                 f"--images={photos}")  # fmt: skip
+    assert added.stdout.strip().endswith("(3 items)")
+    paths = [os.path.abspath(p) for p in ImageFilesSource(photos).paths]
+    index = HashIndex.load(tmp / "db.npz")  # the fixture's --mode=encode of the same photos
+    opened = open_collection(collection)
+    assert opened.ids() == paths and opened.model_path == str(workdir.resolve())
+    found = opened.search(codes=index.codes, k=3)
+    expected_paths, expected_distances = index.search(index.codes, 3)
+    assert [[os.path.abspath(p) for p in row] for row in expected_paths] == found.paths
+    np.testing.assert_array_equal(found.distances, expected_distances)
+
+    unseen = _write_unseen_classes(tmp_path / "unseen")
+    (unseen / "page.jpg").write_text("<html>a web page saved as .jpg</html>")
+    more = _cli("--mode=add", f"--collection={collection}", f"--workdir={tmp / 'export'}",
+                f"--images={unseen}", check=False)  # fmt: skip
+    assert more.returncode == 1, more.stderr[-2000:]  # some photos could not be read
+    assert more.stderr.count("not added:") == 1 and "page.jpg" in more.stderr
+    assert "Added 12 photo(s)" in more.stdout and "(15 items)" in more.stdout
+
+    removed = paths[1]
+    gone = _cli("--mode=remove", f"--collection={collection}", f"--ids={removed}")
+    assert gone.stdout.strip().endswith("(14 items)")
+    hits = _cli("--mode=search", f"--collection={collection}", f"--query={removed}", "--topk=20")
+    lines = hits.stdout.splitlines()
+    assert lines[0] == f"query: {removed}" and len(lines) == 15
+    assert all(removed not in line for line in lines[1:]) and paths[0] in hits.stdout
+
+    dups = _cli("--mode=duplicates", f"--collection={collection}", "--max_distance=0")
+    assert dups.stdout.splitlines()[-1].endswith("among 14 items")
+    compacted = _cli("--mode=compact", f"--collection={collection}")
+    assert "(14 items)" in compacted.stdout
+    assert open_collection(collection).ids() == [paths[0], paths[2], *opened_ids(unseen)]
+
+    unknown = _cli("--mode=remove", f"--collection={collection}", "--ids=nope", check=False)
+    assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1
+    assert "no item with id 'nope'" in unknown.stderr
+    nothing = _cli("--mode=search", f"--collection={tmp_path}", f"--query={removed}", check=False)
+    assert nothing.returncode == 2 and "is not a collection" in nothing.stderr
+    assert nothing.stderr.count("\n") == 1
+
+
+def opened_ids(folder: Path) -> list[str]:
+    """The ids `--mode=add --images=folder` gives: absolute paths, sorted, images only."""
+    return [os.path.abspath(p) for p in ImageFilesSource(folder).paths if not p.endswith(".jpg")]
 
 
 def test_library_errors_name_what_is_wrong(served, tmp_path):
