@@ -9,6 +9,7 @@
     fdh_jax.train_and_evaluate(config, workdir)
     encoder = fdh_jax.load_encoder(workdir_or_export_dir)      # a trained model on its own
     codes = encoder.encode_images(["a.jpg", "b.jpg"])
+    photos = fdh_jax.open_collection("birds/", encoder=encoder, create=True)  # add, remove, search
     hash_fn = fdh_jax.fit_pca_itq(fdh_jax.transfer_features(pooled, z, 0.3), bits=48)  # new classes
 
 Re-exports only; each name lives in the module named for what it is (docs/design.md, "Module
@@ -35,6 +36,8 @@ _EXPORTS = {
     "hamming_topk": "fdh_jax.search.scan",
     "HashIndex": "fdh_jax.search.hash_index",
     "MultiIndexHashing": "fdh_jax.search.multi_index",
+    "Collection": "fdh_jax.search.collection",
+    "open_collection": "fdh_jax.search.collection",
     "mean_average_precision": "fdh_jax.evaluation.metrics",
     "train_and_evaluate": "fdh_jax.training.train",
     "evaluate_checkpoint": "fdh_jax.serving.evaluate_workdir",

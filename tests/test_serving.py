@@ -281,22 +281,50 @@ def _empty_workdir(workdir: Path, tmp_path: Path) -> Path:
     return empty
 
 
+def _readme_example(section: str, replacements: dict) -> str:
+    readme = (REPO / "README.md").read_text()
+    example = re.search(r"```python\n(.*?)```", readme[readme.index(section) :], re.S).group(1)
+    for old, new in replacements.items():
+        assert old in example, old
+        example = example.replace(old, new)
+    return example
+
+
+def _jpegs(photos: Path, folder: Path) -> Path:
+    """The fixture's three photos as a.jpg, b.jpg, c.jpg (the README examples' names)."""
+    folder.mkdir()
+    for name, path in zip("abc", sorted(photos.iterdir()), strict=True):
+        Image.open(path).convert("RGB").save(folder / f"{name}.jpg", quality=95)
+    return folder
+
+
 def test_readme_trained_model_example_runs(served, tmp_path, monkeypatch, capsys):
     tmp, workdir, photos, _ = served
     export = tmp_path / "encoder"
     export_encoder(workdir, export)
-    jpegs = tmp_path / "jpegs"
-    jpegs.mkdir()
-    for path in sorted(photos.iterdir()):
-        Image.open(path).convert("RGB").save(jpegs / f"{path.stem}.jpg", quality=95)
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Use a trained model") :]
-    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    example = example.replace('"/tmp/cub100_encoder"', repr(str(export)))
-    example = example.replace('Path("~/photos")', f"Path({str(jpegs)!r})")
-    example = example.replace('"/tmp/photos.npz"', repr(str(tmp_path / "photos.npz")))
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(_jpegs(photos, tmp_path / "jpegs"))
+    example = _readme_example(
+        "## Use a trained model",
+        {
+            '"/tmp/cub100_encoder"': repr(str(export)),
+            '"/tmp/photos.npz"': repr(str(tmp_path / "photos.npz")),
+        },
+    )
     exec(compile(example, "README.md", "exec"), {})
-    first = sorted(str(p) for p in jpegs.glob("*.jpg"))[0]
-    assert capsys.readouterr().out.strip() == f"(8, 12) bits: {first} at distance 0"
+    assert capsys.readouterr().out.strip() == "(8, 12) bits: a.jpg at distance 0"
     assert len(HashIndex.load(tmp_path / "photos.npz")) == 3
+
+
+def test_readme_collection_example_runs(served, tmp_path, monkeypatch, capsys):
+    tmp, workdir, photos, _ = served
+    monkeypatch.chdir(_jpegs(photos, tmp_path / "jpegs"))
+    example = _readme_example(
+        "## A growing collection",
+        {'"/tmp/cub100_encoder"': repr(str(workdir)), '"/tmp/birds"': repr(str(tmp_path / "b"))},
+    )
+    exec(compile(example, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "['a', 'b', 'c'] []"
+    assert lines[1] == "a 0 {'site': 'x'}"
+    assert lines[2].startswith("2 ")
+    assert open_collection(tmp_path / "b").ids() == ["b", "c"]

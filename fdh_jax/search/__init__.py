@@ -6,7 +6,10 @@ Modules, lowest first (each imports only those above it):
 - `scan`: `hamming_distance` and `hamming_topk`, the exact linear scan;
 - `multi_index`: `MultiIndexHashing`, exact and sub-linear;
 - `hash_index`: `HashIndex`, a searchable collection of codes saved as one `.npz`;
-- `adaptation`: PCA-ITQ codes fitted to a collection without labels (`--adapt`).
+- `adaptation`: PCA-ITQ codes fitted to a collection without labels (`--adapt`);
+- `duplicates`: near-duplicate pairs and groups;
+- `segments`: a living collection's files (manifest and append-only segments);
+- `collection`: `Collection` and `open_collection`, a collection that changes.
 
 The names below are imported on first use, so that importing one module does not import all.
 """
@@ -33,6 +36,9 @@ _EXPORTS = {
     "CollectionHash": "fdh_jax.search.adaptation",
     "fit_pca_itq": "fdh_jax.search.adaptation",
     "transfer_features": "fdh_jax.search.adaptation",
+    "Collection": "fdh_jax.search.collection",
+    "CollectionError": "fdh_jax.search.segments",
+    "open_collection": "fdh_jax.search.collection",
 }
 
 __all__ = sorted(_EXPORTS)
