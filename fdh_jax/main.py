@@ -140,7 +140,8 @@ def _run_mode() -> None:
 
 def _run_collection_mode() -> None:
     """The collection modes (fdh_jax/serving/collection_modes.py); an add that left out
-    unreadable photos exits with status 1."""
+    unreadable photos exits with status 1. Their module is imported here, when chosen, like
+    every mode's (see `_run_mode`)."""
     mode = FLAGS.mode
     if not FLAGS.collection:
         raise app.UsageError(f"--mode={mode} needs --collection=DIR")
