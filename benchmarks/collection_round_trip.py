@@ -93,8 +93,9 @@ def main() -> None:
         _cli("--mode=add", collection, f"--images={scratch / 'second'}")
         ids = [os.path.abspath(scratch / "first" / Path(p).relative_to("images")) for p in first]
         (scratch / "ids.txt").write_text("\n".join(i for i in ids if f"/{removed}/" in i))
-        _cli("--mode=remove", collection, f"--ids=@{scratch / 'ids.txt'}")
         query = f"--query={scratch / 'q'}"
+        before = _ranked(_cli("--mode=search", collection, query, f"--topk={args.topk}"))
+        _cli("--mode=remove", collection, f"--ids=@{scratch / 'ids.txt'}")
         ours = _ranked(_cli("--mode=search", collection, query, f"--topk={args.topk}"))
         index = f"--index={scratch / 'fresh.npz'}"
         _cli("--mode=encode", f"--workdir={args.workdir}", f"--images={scratch / 'live'}", index)
@@ -103,15 +104,15 @@ def main() -> None:
         )
     leaked = sum(path.startswith(f"{removed}/") for hits in ours for _, path in hits)
     same = ours == fresh and len(ours) == len(picked)
-    own = sum(path.startswith(f"{removed}/") for _, path in fresh[0])
+    own = sum(path.startswith(f"{removed}/") for _, path in before[0])
     print(
         f"{len(picked)} queries, top {args.topk}: photos of the removed species returned: "
         f"{leaked}; the fresh index of the same photos ranks the same photos at the same "
         f"distances: {same}"
     )
     print(
-        f"(the removed species' query found {own} of its species in the fresh index: 0 means "
-        "none was left to find)"
+        f"(before the removal, the top {args.topk} of the query of {removed} held {own} photos "
+        "of its species)"
     )
     sys.exit(0 if same and leaked == 0 else 1)
 
