@@ -46,7 +46,7 @@ from fdh_jax.search.bits import (
     pack_words64,
     unpack_codes,
 )
-from fdh_jax.search.duplicates import connected_groups, pairs_within_scan, range_probe_cost
+from fdh_jax.search.duplicates import connected_groups, pairs_within_scan
 from fdh_jax.search.hash_index import prefer_multi_index
 from fdh_jax.search.multi_index import MultiIndexHashing
 from fdh_jax.search.scan import scan_topk
@@ -59,9 +59,9 @@ _DELTA_MIN_ITEMS = 1 << 14
 _DELTA_FRACTION = 8
 _DEAD_FRACTION = 4
 _ADD_CHUNK = 256  # photos decoded and encoded at a time by `add`
-# near_duplicates probes the multi-index tables when their radius balls cost less than this
-# fraction of a scan of all items per item; else it compares all pairs in blocks.
-_PROBE_PAYS = 1 / 16
+# near_duplicates considers probing multi-index tables from this many items on, where
+# `MultiIndexHashing.range_probe_pays` says the radius is small enough; else it compares all
+# pairs in blocks.
 _PAIRS_MIN_ITEMS = 4096
 
 
@@ -224,9 +224,10 @@ class _Searcher:
             distances, positions = scan_topk(query_words, self.columns, k, self.bits)
             return distances, self.rows[positions]
         parts = []
+        packed = np.ascontiguousarray(query_words).view(np.uint8)[:, : -(-self.bits // 8)]
         alive = self.table.alive.view[self.rows]
         if alive.any():
-            distances, positions = self.index.search(query_words, min(k, alive.sum()), alive=alive)
+            distances, positions = self.index.search(packed, min(k, alive.sum()), alive=alive)
             parts.append((distances, self.rows[positions]))
         delta = self.delta_start + np.flatnonzero(self.table.alive.view[self.delta_start :])
         if len(delta):
@@ -714,13 +715,12 @@ class Collection:
         if len(rows) < 2:
             return []
         radius = int(max_distance)
-        use_index = method == "multi_index" or (
-            method == "auto"
-            and len(rows) >= _PAIRS_MIN_ITEMS
-            and range_probe_cost(len(rows), length, radius) < _PROBE_PAYS * len(rows)
-        )
-        if use_index:
+        index = None
+        if method == "multi_index" or (method == "auto" and len(rows) >= _PAIRS_MIN_ITEMS):
             index = MultiIndexHashing(table.packed(rows, length))
+            if method == "auto" and not index.range_probe_pays(radius):
+                index = None
+        if index is not None:
             first, second, _ = index.pairs_within(radius)
         else:
             first, second = pairs_within_scan(words, radius)

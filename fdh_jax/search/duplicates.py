@@ -3,30 +3,18 @@
 `pairs_within_scan` compares all pairs a block at a time (small collections, or radii whose
 multi-index probing would cost more); `MultiIndexHashing.pairs_within` finds the same pairs by
 range search through its tables, probing per item only the buckets within `radius // m` bits of
-each substring (`range_probe_cost` counts them). `connected_groups` turns the pairs into groups:
-the connected components of the graph that links each pair.
+each substring (`MultiIndexHashing.range_probe_pays` says when that beats the scan).
+`connected_groups` turns the pairs into groups: the connected components of the graph that links
+each pair.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from fdh_jax.search.multi_index import default_num_tables
-
 _PAIR_BLOCK_ELEMENTS = 1 << 24  # word comparisons per block of `pairs_within_scan`
-
-
-def range_probe_cost(num_codes: int, bits: int, radius: int) -> int:
-    """Buckets a range search of `radius` probes per item in a default multi-index over
-    `num_codes` codes of `bits` bits: m x sum_{j <= radius // m} C(s, j), s the longest
-    substring. Probing pays when this is small against `num_codes` (a scan of all items)."""
-    m = default_num_tables(num_codes, bits)
-    s, rho = -(-bits // m), radius // m
-    return m * sum(math.comb(s, j) for j in range(min(rho, s) + 1))
 
 
 def pairs_within_scan(words: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:

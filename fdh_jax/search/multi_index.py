@@ -13,6 +13,17 @@ verified with its full distance, so the result is exactly the brute-force one (t
 index). A query whose probing grows past a work budget (the linear scan would be cheaper) is
 answered by the linear scan instead; see `MultiIndexHashing.search`.
 
+A mask of live items (`search(..., alive=mask)`, for a collection whose older items are indexed
+while some are removed) makes the search exact over the live items only: dead codes are skipped
+where they are verified, so they never enter the candidates nor the k-th distance, and every live
+code within the certified radius is still probed. Over-budget queries scan the live codes.
+
+Range search (`MultiIndexHashing.pairs_within`): all pairs within a radius r = m * rho + a agree
+within rho bits on one of the first a + 1 substrings or within rho - 1 on one of the others, so
+probing those balls around each item's substrings finds every pair; a pair is kept only through
+the first table where it agrees so, hence emitted once. `range_probe_cost` gives the probes per
+item, for choosing between it and an all-pairs scan.
+
 Tables are compact: per table the database ids sorted by substring value (uint32, stable, so a
 bucket lists ids in ascending order) and the bucket boundaries, as a dense array of 2^s + 1
 offsets when that is small (2^s <= 4 N, or s <= 16), else as the sorted distinct values with their
@@ -232,10 +243,19 @@ def _next_buckets(  # noqa: ANN202
 
 
 @njit(inline="always")
-def _verify_bucket(query, codes, lo, hi, table, rho, masks, sorted_ids, k, state):  # noqa: ANN001, ANN202
-    """Verifies the codes `codes[:, lo:hi]` of one bucket of `table`: each within the k-th best
-    distance so far and not seen in an earlier probe joins the candidates. `state` is the
-    query's `(found_distances, found_indices, count, capacity, keep, histogram, scratch)`;
+def _is_dead(alive, index):  # noqa: ANN001, ANN202
+    """Whether database item `index` is dead in the bit mask `alive` (`np.packbits(mask,
+    bitorder="little")`: 1 bit per item, so that 10M items take 1.25 MB and stay in cache);
+    an empty mask: every item is live."""
+    return alive.shape[0] != 0 and (alive[index >> 3] >> (index & 7)) & 1 == 0
+
+
+@njit(inline="always")
+def _verify_bucket(query, codes, lo, hi, table, rho, masks, sorted_ids, alive, k, state):  # noqa: ANN001, ANN202
+    """Verifies the codes `codes[:, lo:hi]` of one bucket of `table`: each live one within the
+    k-th best distance so far and not seen in an earlier probe joins the candidates. `alive`:
+    the bit mask of `_is_dead` (dead items are never candidates), empty when all are live. `state`
+    is the query's `(found_distances, found_indices, count, capacity, keep, histogram, scratch)`;
     returns it updated (a full candidate buffer is replaced by a larger one)."""
     found_distances, found_indices, count, capacity, keep, histogram, scratch = state
     for start in range(lo, hi, SUB_BLOCK):
@@ -245,7 +265,13 @@ def _verify_bucket(query, codes, lo, hi, table, rho, masks, sorted_ids, k, state
             continue
         for p in range(start, stop):
             distance = word_distance(query, codes, p)
-            if distance > keep or _seen_earlier(query, codes, p, masks, table, rho):
+            if distance > keep:
+                continue
+            # Dead items are looked up only here, for codes within the k-th distance: the
+            # unmasked search pays one predictable branch per such code, nothing per entry.
+            if _is_dead(alive, sorted_ids[table, p]):
+                continue
+            if _seen_earlier(query, codes, p, masks, table, rho):
                 continue
             if count == capacity:
                 found_distances, found_indices, count, capacity = _make_room(
@@ -290,6 +316,7 @@ def _mih_query(  # noqa: ANN202
     bucket_starts,  # [sum of bucket counts + m] uint32
     key_base,  # [m + 1] int64
     keys,  # [sum of sparse tables' distinct values] int64
+    alive,  # [ceil(N / 8)] uint8, 1 bit per database id (`_is_dead`), or empty: all live
     k,
     bits,
     budget,
@@ -338,7 +365,7 @@ def _mih_query(  # noqa: ANN202
                     lo, hi = ranges[b, 0], ranges[b, 1]
                     work += _PROBE_COST + _ENTRY_COST * (hi - lo)
                     state = _verify_bucket(
-                        query, codes, lo, hi, table, rho, masks, sorted_ids, k, state
+                        query, codes, lo, hi, table, rho, masks, sorted_ids, alive, k, state
                     )
                     if work > budget:
                         break
@@ -356,20 +383,122 @@ def _mih_query(  # noqa: ANN202
 
 @njit(parallel=True, cache=True)
 def _mih_kernel(  # noqa: ANN202
-    query_words, query_substrings, tables, k, bits, budget, distances, indices, over, radius, work
-):
+    query_words, query_substrings, tables, alive, k, bits, budget, distances, indices, over, radius,
+    work,
+):  # fmt: skip
     """`_mih_query` for every row of `query_words: [Q, W]`, in parallel over queries.
-    `tables`: the index arrays in `_mih_query`'s order. Writes distances, indices `[Q, k]` int32,
-    over budget `[Q]` bool, certified radius `[Q]` and work `[Q]` int64."""
+    `tables`: the index arrays in `_mih_query`'s order; `alive`: bit mask (`_is_dead`) or empty.
+    Writes distances, indices `[Q, k]` int32, over budget `[Q]` bool, certified radius `[Q]` and
+    work `[Q]` int64."""
     for q in prange(query_words.shape[0]):
         # Outputs are separate arguments: in numba 0.68 writes inside a prange loop to arrays
         # unpacked from a tuple argument are lost.
         result = _mih_query(
-            query_words[q], query_substrings[q], *tables, k, bits, budget, distances[q], indices[q]
-        )
+            query_words[q], query_substrings[q], *tables, alive, k, bits, budget, distances[q],
+            indices[q],
+        )  # fmt: skip
         over[q] = result[0]
         radius[q] = result[1]
         work[q] = result[2]
+
+
+@njit(inline="always")
+def _found_earlier(query, codes, p, masks, table, thresholds):  # noqa: ANN001, ANN202
+    """Whether code p of `table`'s codes is within its threshold of the query on an earlier
+    table's substring: the pair was then found (and emitted) through that table."""
+    for other in range(table):
+        part = 0
+        for w in range(query.shape[0]):
+            part += popcount((query[w] ^ codes[w, p]) & masks[other, w])
+        if part <= thresholds[other]:
+            return True
+    return False
+
+
+@njit(inline="always")
+def _range_bucket(  # noqa: ANN202
+    i, query, codes, lo, hi, table, sorted_ids, masks, thresholds, radius, alive, out
+):  # noqa: ANN001
+    """Pairs (i, j) from the bucket `codes[:, lo:hi]` of `table`: j > i, live, within `radius`
+    and not within an earlier table's threshold. `out`: `(seconds, distances, at, write, scratch)`
+    with `at` the next place; the pairs are written there when `write`. -> the next place."""
+    seconds, distances, at, write, scratch = out
+    # A bucket lists its ids in ascending order: those after i are a suffix.
+    lo += np.searchsorted(sorted_ids[table, lo:hi], np.uint32(i), side="right")
+    for start in range(lo, hi, SUB_BLOCK):
+        stop = min(hi, start + SUB_BLOCK)
+        if count_closer(query, codes, start, stop, radius + 1, scratch) == 0:
+            continue
+        for p in range(start, stop):
+            distance = word_distance(query, codes, p)
+            if distance > radius:
+                continue
+            j = sorted_ids[table, p]
+            if _is_dead(alive, j):
+                continue
+            if _found_earlier(query, codes, p, masks, table, thresholds):
+                continue
+            if write:
+                seconds[at], distances[at] = j, distance
+            at += 1
+    return at
+
+
+@njit(inline="always")
+def _range_item(i, query, substrings, tables, thresholds, radius, alive, ranges, out):  # noqa: ANN001, ANN202
+    """Every pair (i, j) of `_range_bucket` over the buckets within each table's threshold of
+    item i's substring (radius 0, 1, ... up to the threshold, Gosper's hack within a radius).
+    `out` as in `_range_bucket`; -> the next place after i's pairs."""
+    sorted_codes, masks, lengths, sorted_ids, dense, bucket_base, bucket_starts, key_base, keys = (
+        tables
+    )
+    seconds, distances, at, write, scratch = out
+    for table in range(masks.shape[0]):
+        codes, limit = sorted_codes[table], 1 << lengths[table]
+        for rho in range(min(thresholds[table], lengths[table]) + 1):
+            mask = (1 << rho) - 1
+            while mask < limit:
+                filled, mask = _next_buckets(
+                    table, np.int64(substrings[table, i]), mask, limit, rho, ranges, dense,
+                    bucket_base, bucket_starts, key_base, keys,
+                )  # fmt: skip
+                for b in range(filled):
+                    at = _range_bucket(
+                        i, query, codes, ranges[b, 0], ranges[b, 1], table, sorted_ids, masks,
+                        thresholds, radius, alive, (seconds, distances, at, write, scratch),
+                    )  # fmt: skip
+    return at
+
+
+@njit(parallel=True, cache=True)
+def _range_kernel(  # noqa: ANN202
+    db_columns, substrings, tables, thresholds, radius, alive, write, starts, seconds, distances
+):
+    """`_range_item` for every live item, in parallel. Counting pass (`write` False): writes
+    item i's number of pairs into `starts[i]`. Writing pass: `starts: [N + 1]` the prefix sums;
+    writes item i's partners and distances into `seconds`, `distances[starts[i]:starts[i + 1]]`,
+    ordered by partner. `substrings: [m, N]` uint32, each item's substring values."""
+    num_db, num_words = db_columns.shape[1], db_columns.shape[0]
+    # Items are dealt round-robin to the tasks: an item with a low id has more partners j > i.
+    num_tasks = min(num_db, 1024)
+    for task in prange(num_tasks):
+        ranges = np.empty((_PROBE_BATCH, 2), np.int64)
+        scratch = np.empty(SUB_BLOCK, np.int64)
+        query = np.empty(num_words, np.uint64)
+        for i in range(task, num_db, num_tasks):
+            if _is_dead(alive, i):
+                continue
+            for w in range(num_words):
+                query[w] = db_columns[w, i]
+            at = starts[i] if write else 0
+            out = (seconds, distances, at, write, scratch)
+            stop = _range_item(i, query, substrings, tables, thresholds, radius, alive, ranges, out)
+            if not write:
+                starts[i] = stop
+                continue
+            order = np.argsort(seconds[at:stop])
+            seconds[at:stop] = seconds[at:stop][order]
+            distances[at:stop] = distances[at:stop][order]
 
 
 class MultiIndexHashing:
@@ -377,7 +506,8 @@ class MultiIndexHashing:
 
     `MultiIndexHashing(db_codes)`: `db_codes: [N, K]` sign codes in {-1, +1} (or packed uint8,
     see `fdh_jax.search.bits`); `num_tables` m defaults to `default_num_tables(N, K)`.
-    `.search(query_codes, k)` returns exactly what `hamming_topk` returns. Memory: the codes
+    `.search(query_codes, k)` returns exactly what `hamming_topk` returns (`alive=` restricts
+    it to live items); `.pairs_within(radius)` lists all pairs within a radius. Memory: the codes
     (8 ceil(K/64) bytes each) plus `table_bytes` (4 bytes per code per table, plus the offsets).
     """
 
@@ -451,14 +581,21 @@ class MultiIndexHashing:
         """Bytes of the database codes held for verification and the linear-scan fallback."""
         return self.db_columns.nbytes
 
-    def search(self, query_codes: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, query_codes: Any, k: int, alive: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Exact k nearest database codes, ties by database index, as `hamming_topk`.
 
         `query_codes: [Q, K]` sign codes (or packed uint8); 1 <= k <= N -> (`distances: [Q, k]`
-        int32 ascending, `indices: [Q, k]` int32). A query whose probing exceeds its work budget
-        (`_WORK_PER_ITEM` x N, in linear-scan items) is answered by the linear scan; if most of
-        the first `_PILOT_QUERIES` queries are, all remaining ones are too. `last_search_stats`
-        records how many queries went each way and the median certified radius.
+        int32 ascending, `indices: [Q, k]` int32). `alive`: optional `[N]` bool, the database
+        items that count; with it the result is `hamming_topk(query_codes, db_codes[live], k)`
+        with indices mapped back through `live = np.flatnonzero(alive)`, and k <= alive.sum().
+        Dead items are skipped while probing and never enter the candidates, so the certificate
+        holds for the live items. A query whose probing exceeds its work budget
+        (`_WORK_PER_ITEM` x live items, in linear-scan items) is answered by the linear scan
+        (over the live items); if most of the first `_PILOT_QUERIES` queries are, all remaining
+        ones are too. `last_search_stats` records how many queries went each way and the median
+        certified radius.
         """
         query_words, query_bits = pack_words64(query_codes, "query_codes")
         if query_bits != self.bits:
@@ -466,15 +603,19 @@ class MultiIndexHashing:
                 f"query codes have K={query_bits} bits, database codes K={self.bits}: "
                 "they must match"
             )
-        num_db = len(self)
-        if int(k) != k or not 1 <= k <= num_db:
-            raise ValueError(f"k must be an integer in [1, {num_db}] (database size), got {k}")
+        alive, alive_bits, num_live = self._check_alive(alive)
+        if int(k) != k or not 1 <= k <= num_live:
+            what = "database size" if alive is None else "live database items"
+            raise ValueError(f"k must be an integer in [1, {num_live}] ({what}), got {k}")
         k = int(k)
+        budget = int(min(num_live * _WORK_PER_ITEM, 2**62))
         num_query = len(query_words)
         pilot = min(num_query, _PILOT_QUERIES)
-        distances, indices, fell_back, radius, work = self._probe(query_words[:pilot], k)
+        distances, indices, fell_back, radius, work = self._probe(
+            query_words[:pilot], k, alive_bits, budget
+        )
         if pilot < num_query and 2 * fell_back.sum() <= pilot:
-            rest = self._probe(query_words[pilot:], k)
+            rest = self._probe(query_words[pilot:], k, alive_bits, budget)
             distances, indices, fell_back, radius, work = (
                 np.concatenate([a, b])
                 for a, b in zip((distances, indices, fell_back, radius, work), rest, strict=True)
@@ -486,11 +627,10 @@ class MultiIndexHashing:
         distances = np.concatenate([distances, np.zeros((num_query - probed, k), np.int32)])
         indices = np.concatenate([indices, np.zeros((num_query - probed, k), np.int32)])
         if scanned.size:
-            distances[scanned], indices[scanned] = scan_topk(
-                query_words[scanned], self.db_columns, k, self.bits
-            )
+            distances[scanned], indices[scanned] = self._scan(query_words[scanned], k, alive)
         self.last_search_stats = {
             "queries": num_query,
+            "live_items": num_live,
             "answered_by_probing": int(answered.sum()),
             "answered_by_scan": int(scanned.size),
             "median_certified_radius": (
@@ -500,10 +640,50 @@ class MultiIndexHashing:
         }
         return distances, indices
 
-    def _probe(self, query_words: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
-        """Runs the MIH kernel. `query_words: [Q, W]` uint64 -> (distances `[Q, k]`, indices
-        `[Q, k]` int32, fell back `[Q]` bool, certified radius `[Q]`, work `[Q]` int64); rows that
-        fell back hold no result."""
+    def _check_alive(self, alive: Any) -> tuple[np.ndarray | None, np.ndarray, int]:
+        """Validates a mask of live items -> (the mask `[N]` bool or None, its bits for the
+        kernels as `_is_dead` reads them, empty when all are live, the number of live items)."""
+        if alive is None:
+            return None, np.zeros(0, np.uint8), len(self)
+        alive = np.asarray(alive)
+        if alive.dtype != np.bool_ or alive.shape != (len(self),):
+            raise ValueError(
+                f"alive must be a bool array of shape ({len(self)},), one flag per database item "
+                f"(True: it counts), got dtype {alive.dtype} and shape {alive.shape}"
+            )
+        return alive, np.packbits(alive, bitorder="little"), int(np.count_nonzero(alive))
+
+    def _scan(
+        self, query_words: np.ndarray, k: int, alive: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The linear scan over all items, or over the live ones (indices mapped back)."""
+        if alive is None:
+            return scan_topk(query_words, self.db_columns, k, self.bits)
+        live = np.flatnonzero(alive)
+        distances, positions = scan_topk(query_words, self.db_columns[:, live], k, self.bits)
+        return distances, live[positions].astype(np.int32)
+
+    def _kernel_tables(self) -> tuple[np.ndarray, ...]:
+        """The index arrays in the order `_mih_query` and `_range_item` take them."""
+        return (
+            self.sorted_codes,
+            _substring_masks(self.bounds, self.db_columns.shape[0]),
+            np.diff(self.bounds),
+            self.sorted_ids,
+            self.dense,
+            self.bucket_base,
+            self.bucket_starts,
+            self.key_base,
+            self.keys,
+        )
+
+    def _probe(
+        self, query_words: np.ndarray, k: int, alive: np.ndarray, budget: int
+    ) -> tuple[np.ndarray, ...]:
+        """Runs the MIH kernel. `query_words: [Q, W]` uint64, `alive` as `_check_alive` returns
+        it, `budget` in linear-scan items -> (distances `[Q, k]`, indices `[Q, k]` int32, fell
+        back `[Q]` bool, certified radius `[Q]`, work `[Q]` int64); rows that fell back hold no
+        result."""
         num_query = len(query_words)
         substrings = np.stack(
             [
@@ -520,28 +700,91 @@ class MultiIndexHashing:
             np.zeros(num_query, np.int64),
         )
         if num_query:
-            tables = (
-                self.sorted_codes,
-                _substring_masks(self.bounds, self.db_columns.shape[0]),
-                np.diff(self.bounds),
-                self.sorted_ids,
-                self.dense,
-                self.bucket_base,
-                self.bucket_starts,
-                self.key_base,
-                self.keys,
-            )
-            budget = int(min(len(self) * _WORK_PER_ITEM, 2**62))
             _mih_kernel(
                 np.ascontiguousarray(query_words),
                 substrings,
-                tables,
+                self._kernel_tables(),
+                alive,
                 k,
                 self.bits,
                 budget,
                 *outputs,
             )
         return outputs
+
+    # ------------------------------------------------------------------------- range search
+
+    def _range_thresholds(self, radius: Any) -> tuple[int, np.ndarray]:
+        """Validates radius -> (radius, per-table substring radius `[m]` int64). With radius =
+        m rho + a (0 <= a < m), two codes within radius agree within rho bits on one of tables
+        0..a or within rho - 1 on one of the others (else they differ in >= (a + 1)(rho + 1)
+        + (m - a - 1) rho = radius + 1 bits): table t's threshold is rho for t <= a, else
+        rho - 1 (-1: the table is not probed)."""
+        integer = isinstance(radius, (int, np.integer)) and not isinstance(radius, bool)
+        if not integer or not 0 <= radius <= self.bits:
+            raise ValueError(f"radius must be an integer in [0, {self.bits}], got {radius!r}")
+        radius = int(radius)
+        rho, extra = divmod(radius, self.num_tables)
+        thresholds = np.where(np.arange(self.num_tables) <= extra, rho, rho - 1)
+        return radius, thresholds.astype(np.int64)
+
+    def range_probe_cost(self, radius: int) -> int:
+        """Buckets `pairs_within(radius)` probes per item: sum over tables t of
+        sum_{j <= rho_t} C(s_t, j), s_t the substring length and rho_t its threshold (rho =
+        radius // m for the first radius % m + 1 tables, rho - 1 for the others); about
+        m sum_{j <= rho} C(s, j). Each probe is a random memory access worth ~ `_PROBE_COST`
+        linear-scan items, plus a pass over the bucket's entries; a blocked all-pairs scan
+        costs ~ N / 2 items per item. So probing pays when `range_probe_pays` says so: large N,
+        radius small against m (a few bits per substring); otherwise compute all pairs."""
+        _, thresholds = self._range_thresholds(radius)
+        lengths = np.diff(self.bounds)
+        return sum(
+            math.comb(int(s), j)
+            for s, rho in zip(lengths, thresholds, strict=True)
+            for j in range(min(int(rho), int(s)) + 1)
+        )
+
+    def range_probe_pays(self, radius: int) -> bool:
+        """Whether `pairs_within(radius)` should beat a blocked all-pairs scan: its probes per
+        item (`range_probe_cost`) x `_PROBE_COST` under the N / 2 codes an all-pairs scan
+        compares per item. A lower bound on probing's cost (bucket entries not counted): on
+        crowded buckets (clustered codes) probing costs more."""
+        return self.range_probe_cost(radius) * _PROBE_COST < len(self) / 2
+
+    def pairs_within(
+        self, radius: int, alive: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every pair of database items i < j at Hamming distance <= `radius`, found by probing
+        the tables (range search, not all pairs; see `range_probe_cost` for when it pays).
+
+        `radius`: an integer in [0, K]; `alive`: optional `[N]` bool, only pairs of live items.
+        -> (first, second, distances) `[P]` int64, sorted by (first, second). For each live
+        item i and each table t, the buckets within the table's threshold (`_range_thresholds`:
+        pigeonhole) of i's substring are probed and entries j > i, live, within radius are
+        kept unless an earlier table is within its threshold of the pair, so each pair is
+        emitted once: through the first table whose substrings agree within its threshold.
+        Parallel over items: a counting pass, then a writing pass into the prefix sums.
+        """
+        radius, thresholds = self._range_thresholds(radius)
+        _, alive_bits, _ = self._check_alive(alive)
+        words = self.db_columns.T
+        substrings = np.stack(
+            [
+                _substring_values(words, int(self.bounds[i]), int(self.bounds[i + 1]))
+                for i in range(self.num_tables)
+            ]
+        ).astype(np.uint32)
+        tables = self._kernel_tables()
+        counts = np.zeros(len(self) + 1, np.int64)
+        none = np.zeros(0, np.int64)
+        arguments = (self.db_columns, substrings, tables, thresholds, radius, alive_bits)
+        _range_kernel(*arguments, False, counts, none, none)
+        starts = np.concatenate([[0], np.cumsum(counts[:-1])]).astype(np.int64)
+        seconds = np.empty(starts[-1], np.int64)
+        distances = np.empty(starts[-1], np.int64)
+        _range_kernel(*arguments, True, starts, seconds, distances)
+        first = np.repeat(np.arange(len(self), dtype=np.int64), counts[:-1])
+        return first, seconds, distances
 
     # ------------------------------------------------------------------------------ save / load
 
