@@ -118,8 +118,8 @@ class _Growing:
     def extend(self, rows: np.ndarray) -> None:
         needed = self.size + len(rows)
         if needed > len(self._data):
-            grown = np.zeros((max(needed, 2 * len(self._data)), *self._data.shape[1:]))
-            grown = grown.astype(self._data.dtype)
+            shape = (max(needed, 2 * len(self._data)), *self._data.shape[1:])
+            grown = np.zeros(shape, self._data.dtype)
             grown[: self.size] = self._data[: self.size]
             self._data = grown
         self._data[self.size : needed] = rows
@@ -139,8 +139,8 @@ class _Table:
         self.words = {k: _Growing((-(-k // 64),), np.uint64) for k in bits}
         self.labels = _Growing((), np.int64)
         self.alive = _Growing((), bool)
-        self.ids: list[str] = []
-        self.paths: list[str] = []
+        self.ids = _Growing((), object)  # str, as object arrays: fancy indexing for results
+        self.paths = _Growing((), object)
         self.metadata: list[dict] = []
         self.row_of: dict[str, int] = {}  # live items only
         self.version = 0  # changes with every applied segment
@@ -158,7 +158,7 @@ class _Table:
                 )
             self.alive.view[rows] = False
             for row in rows:
-                del self.row_of[self.ids[row]]
+                del self.row_of[self.ids.view[row]]
         if len(segment.seq):
             if self.seq.size and segment.seq[0] <= self.seq.view[-1]:
                 raise CollectionError(f"{name} adds items out of order: restore from a backup")
@@ -168,8 +168,8 @@ class _Table:
                 self.words[k].extend(pack_words64(segment.codes[k])[0])
             self.labels.extend(segment.labels)
             self.alive.extend(np.ones(len(segment.seq), bool))
-            self.ids.extend(segment.ids)
-            self.paths.extend(segment.paths)
+            self.ids.extend(np.array(segment.ids, dtype=object))
+            self.paths.extend(np.array(segment.paths, dtype=object))
             self.metadata.extend(segment.metadata)
             for offset, item_id in enumerate(segment.ids):
                 if item_id in self.row_of:
@@ -226,14 +226,18 @@ class _Searcher:
         parts = []
         packed = np.ascontiguousarray(query_words).view(np.uint8)[:, : -(-self.bits // 8)]
         alive = self.table.alive.view[self.rows]
-        if alive.any():
-            distances, positions = self.index.search(packed, min(k, alive.sum()), alive=alive)
+        live = int(alive.sum())
+        if live:
+            mask = None if live == len(alive) else alive  # no removals: the unmasked kernel
+            distances, positions = self.index.search(packed, min(k, live), alive=mask)
             parts.append((distances, self.rows[positions]))
         delta = self.delta_start + np.flatnonzero(self.table.alive.view[self.delta_start :])
         if len(delta):
             columns = np.ascontiguousarray(self.table.words[self.bits].view[delta].T)
             distances, positions = scan_topk(query_words, columns, min(k, len(delta)), self.bits)
             parts.append((distances, delta[positions]))
+        if len(parts) == 1:
+            return parts[0]
         distances = np.concatenate([p[0] for p in parts], axis=1)
         rows = np.concatenate([p[1] for p in parts], axis=1)
         order = np.argsort((distances.astype(np.int64) << 32) | rows, axis=1, kind="stable")[:, :k]
@@ -360,7 +364,7 @@ class Collection:
     def ids(self) -> list[str]:
         """The ids of the live items, in insertion order."""
         with self._lock:
-            return [self._table.ids[row] for row in self._table.live_rows()]
+            return self._table.ids.view[self._table.live_rows()].tolist()
 
     def codes(self, bits: int | None = None) -> np.ndarray:
         """`[N, K]` int8 codes of the live items in insertion order (`bits`: K, default the
@@ -379,8 +383,8 @@ class Collection:
     def _item(self, table: _Table, row: int) -> Item:
         codes = {k: _unpack_row(table.packed(np.array([row]), k), k) for k in self.bits}
         return Item(
-            id=table.ids[row],
-            path=table.paths[row],
+            id=table.ids.view[row],
+            path=table.paths.view[row],
             label=int(table.labels.view[row]),
             metadata=table.metadata[row],
             seq=int(table.seq.view[row]),
@@ -599,8 +603,8 @@ class Collection:
             table, rows = self._table, self._table.live_rows()
             segment = Segment(
                 seq=table.seq.view[rows].copy(),
-                ids=[table.ids[r] for r in rows],
-                paths=[table.paths[r] for r in rows],
+                ids=table.ids.view[rows].tolist(),
+                paths=table.paths.view[rows].tolist(),
                 labels=table.labels.view[rows].copy(),
                 metadata=[table.metadata[r] for r in rows],
                 codes={k: table.packed(rows, k) for k in self.bits},
@@ -687,8 +691,8 @@ class Collection:
                     searcher = self._searchers[length] = _Searcher(table, length, use_index)
                 distances, rows = searcher.search(query_words, k)
             return SearchResults(
-                ids=[[table.ids[r] for r in row] for row in rows],
-                paths=[[table.paths[r] for r in row] for row in rows],
+                ids=table.ids.view[rows].tolist(),
+                paths=table.paths.view[rows].tolist(),
                 labels=table.labels.view[rows],
                 distances=distances,
             )
@@ -725,7 +729,7 @@ class Collection:
         else:
             first, second = pairs_within_scan(words, radius)
         groups = connected_groups(len(rows), first, second)
-        return [[table.ids[rows[p]] for p in group] for group in groups]
+        return [table.ids.view[rows[group]].tolist() for group in groups]
 
 
 def _unpack_row(packed: np.ndarray, k: int) -> np.ndarray:
