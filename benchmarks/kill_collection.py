@@ -7,11 +7,12 @@ Each trial starts a worker process on a new collection (`fdh_jax.open_collection
 that applies a seeded sequence of changes: adds of 1 to 300 codes under ids from a pool (so many
 replace earlier items), removals of up to 50 ids, and now and then a compaction; it prints `ack I`
 after change I returned (the acknowledgement). The trial SIGKILLs the worker at a moment drawn
-uniformly over an uninterrupted run's wall time after its first change (writing a segment, the
-manifest's rename, a merge of segments or a compaction are all possible), opens the collection, and
-compares its items (ids, order, codes, paths) with a plain dict that replays the changes: they must
-equal the state after the acknowledged changes, or after one more (the change in flight, whole).
-Then a new worker applies the remaining changes and the final state must equal the full replay.
+uniformly over 90% of an uninterrupted run's wall time after its first change (writing a segment,
+the manifest's rename, a merge of segments or a compaction are all possible), opens the collection,
+and compares its items (ids, order, codes, paths) with a plain dict that replays the changes: they
+must equal the state after the acknowledged changes, or after one more (the change in flight,
+whole). Then a new worker applies the remaining changes and the final state must equal the full
+replay.
 
 Prints one line per trial and how many of the `n` held. CPU only; a few seconds per trial.
 """
@@ -79,10 +80,19 @@ def worker(directory: str, seed: int, start: int, stop: int) -> None:
         print(f"ack {number}", flush=True)
 
 
-def _start(directory: Path, seed: int, start: int, stop: int) -> subprocess.Popen:
+def _start(directory: Path, seed: int, start: int, stop: int) -> tuple[subprocess.Popen, Path]:
+    """Starts a worker; its acknowledgements go to a file (-> the process and that file), read
+    whole after it ended: a pipe read partly before a kill could hold acknowledgements back."""
     command = [sys.executable, __file__, "--worker", str(directory), f"--seed={seed}"]
     command += [f"--start={start}", f"--stop={stop}"]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = directory.with_name(f"{directory.name}.acks-{start}")
+    with open(log, "w") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.PIPE, text=True), log
+
+
+def _wait_for_first_ack(process: subprocess.Popen, log: Path) -> None:
+    while process.poll() is None and "ack " not in log.read_text():
+        time.sleep(0.001)
 
 
 def state_of(directory: Path) -> OrderedDict:
@@ -106,12 +116,12 @@ def same(state: OrderedDict, expected: OrderedDict) -> bool:
 
 def trial(directory: Path, seed: int, changes: int, kill_after: float) -> tuple[bool, str]:
     """One kill and restart; -> (held, what happened)."""
-    process = _start(directory, seed, 0, changes)
-    first = process.stdout.readline()  # the first change is done: the worker has started
+    process, log = _start(directory, seed, 0, changes)
+    _wait_for_first_ack(process, log)  # the first change is done: the worker has started
     time.sleep(kill_after)
     process.send_signal(signal.SIGKILL)
-    stdout, _ = process.communicate()
-    acked = sum(1 for line in (first + stdout).splitlines() if line.startswith("ack "))
+    process.communicate()
+    acked = sum(1 for line in log.read_text().splitlines() if line.startswith("ack "))
     state = state_of(directory)
     if same(state, replay(seed, acked)):
         done, how = acked, "without the change in flight"
@@ -119,7 +129,7 @@ def trial(directory: Path, seed: int, changes: int, kill_after: float) -> tuple[
         done, how = acked + 1, "with the change in flight, whole"
     else:
         return False, f"after {acked} acks the items match neither {acked} nor {acked + 1} changes"
-    rest = _start(directory, seed, done, changes)
+    rest, _ = _start(directory, seed, done, changes)
     _, stderr = rest.communicate()
     if rest.returncode != 0:
         return False, f"the restart failed: {stderr[-500:]}"
@@ -143,8 +153,8 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     print(f"load average: {os.getloadavg()[0]:.2f}", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
-        reference = _start(Path(scratch) / "reference", args.seed, 0, args.changes)
-        reference.stdout.readline()
+        reference, log = _start(Path(scratch) / "reference", args.seed, 0, args.changes)
+        _wait_for_first_ack(reference, log)
         began = time.perf_counter()
         _, stderr = reference.communicate()
         if reference.returncode != 0:
@@ -154,7 +164,7 @@ def main() -> None:
         rng = np.random.default_rng(args.seed)
         held = 0
         for number in range(args.n):
-            kill_after = float(rng.uniform(0, wall))  # after the first acknowledgement
+            kill_after = float(rng.uniform(0, 0.9 * wall))  # while changes are made
             ok, what = trial(
                 Path(scratch) / f"trial{number}", args.seed + number, args.changes, kill_after
             )

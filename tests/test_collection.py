@@ -8,6 +8,8 @@ brute force over the dict's live items, computed here with NumPy.
 
 import json
 import os
+import subprocess
+import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -251,3 +253,16 @@ def test_bad_photos_are_named_and_the_others_added(tmp_path):
     with pytest.raises(CollectionError, match="open the collection with its encoder"):
         open_collection(tmp_path / "c").add([photos[0]])
     assert Path(tmp_path / "c" / "collection.json").is_file()
+
+
+def test_kills_lose_no_acknowledged_change():
+    """benchmarks/kill_collection.py, shortened: 3 kills of a process changing a collection."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kill_collection.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--n=3", "--changes=60", "--seed=5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    assert "3 of 3 trials" in result.stdout
