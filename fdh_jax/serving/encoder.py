@@ -114,13 +114,17 @@ class Encoder:
             "backbone": self.description["backbone"],
         }
 
-    def encode_images(self, images: Any, bits: int | None = None) -> dict[str, np.ndarray]:
+    def encode_images(
+        self, images: Any, bits: int | None = None, *, batch_size: int | None = None
+    ) -> dict[str, np.ndarray]:
         """Binary codes of images, through the evaluation transform, in batches.
 
         `images`: a list of image file paths (decoded with Pillow; an unreadable file raises
         `BadImageError` naming it), a list of uint8 `[H, W, 3]` arrays, or a uint8 array
         `[N, H, W, 3]`; any size. Returns `{"K": int8 [N, K] in {-1, +1}}` for every length, or
-        for `bits` only.
+        for `bits` only. `batch_size`: the encoding batch (default the training config's
+        `eval.batch_size`); a small batch for a few images wastes no work on padding, and the
+        codes are the same (each image's code depends on that image only).
         """
         if bits is not None and int(bits) not in self.bits:
             raise EncoderRequestError(f"bits={bits}: this encoder has code lengths {self.bits}")
@@ -128,11 +132,12 @@ class Encoder:
         if len(source) == 0:
             codes = {str(k): np.zeros((0, k), np.int8) for k in self.bits}
         else:
-            codes = self.encode_source(source)
+            codes = self.encode_source(source, batch_size)
         return codes if bits is None else {str(bits): codes[str(bits)]}
 
-    def encode_source(self, source: Any) -> dict[str, np.ndarray]:
-        """Codes of every item of a source (items with a uint8 `"image"`), in source order."""
+    def encode_source(self, source: Any, batch_size: int | None = None) -> dict[str, np.ndarray]:
+        """Codes of every item of a source (items with a uint8 `"image"`), in source order, in
+        batches of `batch_size` (default `eval.batch_size`)."""
         raise NotImplementedError
 
     def build_index(

@@ -41,13 +41,14 @@ class ExportedEncoder(Encoder):
         self._exported = exported
         self._variables = jax.device_put(variables)
 
-    def encode_source(self, source: Any) -> dict[str, np.ndarray]:
+    def encode_source(self, source: Any, batch_size: int | None = None) -> dict[str, np.ndarray]:
         size = int(self.preprocessing["image_size"])
         resize = int(self.preprocessing["eval_resize"])
         chunks: dict[str, list[np.ndarray]] = {}
-        for start in range(0, len(source), self.batch_size):
-            count = min(self.batch_size, len(source) - start)
-            batch = np.zeros((self.batch_size, size, size, 3), np.float32)
+        batch_size = int(batch_size or self.batch_size)
+        for start in range(0, len(source), batch_size):
+            count = min(batch_size, len(source) - start)
+            batch = np.zeros((batch_size, size, size, 3), np.float32)
             for row in range(count):
                 batch[row] = eval_transform(source[start + row]["image"], size, resize)
             for k, codes in self._exported.call(self._variables, batch).items():

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from fdh_jax import encoding, parallel
@@ -34,12 +35,26 @@ class WorkdirEncoder(Encoder):
         training_config = json.loads(config.to_json_best_effort())
         super().__init__(description, training_config, step, variables_fingerprint(variables))
         self.config, self.model, self.variables, self.mesh = config, model, variables, mesh
+        self._configs: dict[int, Any] = {}
 
-    def encode_source(self, source: Any) -> dict[str, np.ndarray]:
+    def encode_source(self, source: Any, batch_size: int | None = None) -> dict[str, np.ndarray]:
         codes, _ = encoding.encode_source(
-            self.model, self.variables, source, self.config, self.mesh
+            self.model, self.variables, source, self._config_for(batch_size), self.mesh
         )
         return codes
+
+    def _config_for(self, batch_size: int | None) -> Any:
+        """The config with `eval.batch_size` = `batch_size` rounded up to a multiple of the
+        mesh's devices (one copy per size, kept)."""
+        if batch_size is None or int(batch_size) == self.config.eval.batch_size:
+            return self.config
+        devices = self.mesh.devices.size
+        size = -(-int(batch_size) // devices) * devices
+        if size not in self._configs:
+            config = ml_collections.ConfigDict(self.config.to_dict())
+            config.eval.batch_size = size
+            self._configs[size] = config
+        return self._configs[size]
 
     def transfer_features(self, source: Any, descriptor_weight: float) -> np.ndarray:
         outputs = encoding.transfer_outputs(
