@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["fdh_jax", "fdh_jax.*"]),
+    package_data={"fdh_jax.serving": ["page.html"]},
     install_requires=[
         "jax>=0.10,<0.12",
         "flax>=0.12",
@@ -31,7 +32,19 @@ setup(
         "tensorboard>=2.15",  # event files only (no TensorFlow): fdh_jax/training/summaries.py
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "faiss-cpu>=1.8", "huggingface_hub>=0.20"],
+        # `--mode=serve`: the web service (fdh_jax/serving/service.py).
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],
+        "test": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "faiss-cpu>=1.8",
+            "huggingface_hub>=0.20",
+            "fastapi>=0.110",
+            "uvicorn>=0.29",
+            "python-multipart>=0.0.9",
+            "httpx>=0.27",
+            "selenium>=4.20",  # drives Debian's chromium + chromium-driver (.ci/run installs them)
+        ],
         # TensorFlow is only needed to *build* TFDS datasets, never at run time.
         "tfds-build": ["tensorflow"],
         # `--config.model.pretrained=hf://...` (the dataset configs' default ImageNet ResNet-50).

@@ -13,6 +13,8 @@ Modes:
   remove  remove the items `--ids` from `--collection`
   duplicates  print the groups of `--collection` items within `--max_distance` bits
   compact rewrite `--collection` without its removed items
+  serve   a web page and JSON API over `--collection` on `--host:--port` (fdh_jax/serving/
+          service.py; `pip install -e ".[serve]"`)
   search with `--collection`: rank its items for `--query` photos (or the items `--ids`)
 Only training needs `--config`: the other modes read the model from the workdir (config.json,
 model.json, checkpoints), which training writes and nothing else rewrites; encode and search
@@ -30,6 +32,7 @@ with status 143; the same command resumes.
 
 import difflib
 import errno
+import os
 import re
 import sys
 
@@ -43,7 +46,18 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and res
 flags.DEFINE_enum(
     "mode",
     "train",
-    ["train", "eval", "encode", "search", "export", "add", "remove", "duplicates", "compact"],
+    [
+        "train",
+        "eval",
+        "encode",
+        "search",
+        "export",
+        "add",
+        "remove",
+        "duplicates",
+        "compact",
+        "serve",
+    ],
     "What to do.",
 )
 flags.DEFINE_enum("split", "train", ["train", "test"], "encode: the split to hash.")
@@ -55,6 +69,11 @@ flags.DEFINE_string(
     "ids", None, "add/remove/search: item ids, comma-separated (@FILE: one a line)."
 )
 flags.DEFINE_integer("max_distance", 0, "duplicates: the largest Hamming distance of a pair.")
+flags.DEFINE_string("host", "127.0.0.1", "serve: the address to bind (other hosts need --token).")
+flags.DEFINE_integer("port", 8080, "serve: the port.")
+flags.DEFINE_string(
+    "token", None, "serve: the token adding and removing need (else $FDH_JAX_TOKEN)."
+)
 flags.DEFINE_string("index", None, "encode: where to write the index; search: the index to use.")
 flags.DEFINE_string("query", None, "search: an image file or a folder of images.")
 flags.DEFINE_integer("topk", 10, "search: how many results per query.")
@@ -79,7 +98,7 @@ flags.DEFINE_integer(
     "num_processes", None, "Multi-process: process count (else JAX_NUM_PROCESSES)."
 )
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's id (else JAX_PROCESS_ID).")
-COLLECTION_MODES = ("add", "remove", "duplicates", "compact")
+COLLECTION_MODES = ("add", "remove", "duplicates", "compact", "serve")
 
 
 def _run_mode() -> None:
@@ -151,8 +170,14 @@ def _run_collection_mode() -> None:
         raise app.UsageError("--mode=remove needs --ids=ID,ID,... (or @FILE)")
     from fdh_jax.serving import collection_modes as modes  # noqa: PLC0415
 
-    collection = modes.open_for_cli(FLAGS.collection, FLAGS.workdir, FLAGS.step, mode == "add")
-    if mode == "add":
+    token = FLAGS.token or os.environ.get("FDH_JAX_TOKEN") or None
+    if mode == "serve":
+        modes.check_start(FLAGS.host, token)  # before the model loads: a refusal is instant
+    create = mode == "add" or (mode == "serve" and FLAGS.workdir is not None)
+    collection = modes.open_for_cli(FLAGS.collection, FLAGS.workdir, FLAGS.step, create)
+    if mode == "serve":
+        modes.serve_collection(collection, FLAGS.host, FLAGS.port, token)
+    elif mode == "add":
         status = modes.add_photos(collection, FLAGS.images, FLAGS.ids)
         if status:
             sys.exit(status)
@@ -229,6 +254,7 @@ def _expected_errors() -> tuple[type[Exception], ...]:
     from fdh_jax.search.adaptation import CollectionTooSmallError  # noqa: PLC0415
     from fdh_jax.search.bits import IndexFileError  # noqa: PLC0415
     from fdh_jax.search.segments import CollectionError  # noqa: PLC0415
+    from fdh_jax.serving.collection_modes import ServeError  # noqa: PLC0415
     from fdh_jax.serving.encoder import EncoderRequestError  # noqa: PLC0415
     from fdh_jax.training.checkpointing import (  # noqa: PLC0415
         DamagedCheckpointsError,
@@ -249,6 +275,7 @@ def _expected_errors() -> tuple[type[Exception], ...]:
         EncoderRequestError,
         IndexFileError,
         CollectionError,
+        ServeError,
         PretrainedWeightsError,
         FileNotFoundError,
         FileExistsError,  # --export_dir holds something else

@@ -6,6 +6,8 @@
     python -m fdh_jax.main --mode=search --collection=C --query=q.jpg --topk=10
     python -m fdh_jax.main --mode=duplicates --collection=C --max_distance=2
 
+`--mode=serve` (fdh_jax/serving/service.py) serves a collection over HTTP.
+
 The encoder is the collection's own (the workdir or export it was created from, recorded in it)
 unless `--workdir` names another copy of the same model. Every mode prints one result line (an
 add or remove is committed when it is printed); an add names each photo it could not read on
@@ -14,6 +16,7 @@ stderr, adds the others, and exits with status 1.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 import time
@@ -146,3 +149,41 @@ def print_duplicates(collection: Collection, max_distance: int, bits: int | None
         f"{len(collection)} items"
     )
     print("\n".join(lines), flush=True)
+
+
+class ServeError(ValueError):
+    """`--mode=serve` cannot start: the `[serve]` extra is missing, or a public host has no
+    token."""
+
+
+def serve_collection(collection: Collection, host: str, port: int, token: str | None) -> None:
+    """`--mode=serve`. The service module is imported here: it needs the `[serve]` extra
+    (FastAPI, uvicorn), which the other modes do without."""
+    check_start(host, token)
+    try:
+        from fdh_jax.serving import service  # noqa: PLC0415
+    except ImportError as error:
+        raise ServeError(
+            f"--mode=serve needs the serve extra ({error.name} is missing): "
+            'pip install -e ".[serve]"'
+        ) from None
+    service.serve(collection, host, port, token)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is a loopback name or address (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_start(host: str, token: str | None) -> None:
+    """`ServeError` unless the server may start: a non-loopback host needs a token."""
+    if not is_loopback(host) and not token:
+        raise ServeError(
+            f"--host={host} makes the collection reachable from other machines: set a token "
+            "(--token=T or FDH_JAX_TOKEN) so that only its holders can add and remove photos"
+        )
