@@ -33,14 +33,14 @@ setup(
     ],
     extras_require={
         # `--mode=serve`: the web service (fdh_jax/serving/service.py).
-        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],
+        "serve": ["fastapi>=0.110", "uvicorn[standard]>=0.29", "python-multipart>=0.0.9"],
         "test": [
             "pytest>=8",
             "ruff>=0.6",
             "faiss-cpu>=1.8",
             "huggingface_hub>=0.20",
             "fastapi>=0.110",
-            "uvicorn>=0.29",
+            "uvicorn[standard]>=0.29",
             "python-multipart>=0.0.9",
             "httpx>=0.27",
             "selenium>=4.20",  # drives Debian's chromium + chromium-driver (.ci/run installs them)
