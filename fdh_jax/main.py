@@ -174,7 +174,10 @@ def _run_collection_mode() -> None:
     if mode == "serve":
         modes.check_start(FLAGS.host, token)  # before the model loads: a refusal is instant
     create = mode == "add" or (mode == "serve" and FLAGS.workdir is not None)
-    collection = modes.open_for_cli(FLAGS.collection, FLAGS.workdir, FLAGS.step, create)
+    need_encoder = mode in ("add", "search", "serve")
+    collection = modes.open_for_cli(
+        FLAGS.collection, FLAGS.workdir, FLAGS.step, create, need_encoder
+    )
     if mode == "serve":
         modes.serve_collection(collection, FLAGS.host, FLAGS.port, token)
     elif mode == "add":

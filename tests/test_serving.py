@@ -157,10 +157,10 @@ def test_the_encoding_batch_does_not_change_codes(served):
     """The service encodes in batches of 1, 2, 4, ... photos: every size gives the codes of the
     training config's batch, through the workdir and the export."""
     tmp, workdir, photos, _ = served
-    paths = [str(p) for p in sorted(photos.iterdir())] * 3  # 9 photos: partial last batches
+    paths = [str(p) for p in sorted(photos.iterdir())] * 3
     for encoder in (load_encoder(workdir), load_encoder(tmp / "export")):
         reference = encoder.encode_images(paths)
-        for batch_size in (1, 2, 4, 5):
+        for batch_size in (1, 4):  # 9 photos: a partial last batch of 4
             codes = encoder.encode_images(paths, batch_size=batch_size)
             for k, expected in reference.items():
                 np.testing.assert_array_equal(codes[k], expected, err_msg=f"{k}, {batch_size}")

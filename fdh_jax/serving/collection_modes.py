@@ -55,10 +55,19 @@ def photo_paths(images: str) -> list[str]:
     return paths
 
 
-def open_for_cli(directory: str, workdir: str | None, step: int | None, create: bool) -> Collection:
+def open_for_cli(
+    directory: str,
+    workdir: str | None,
+    step: int | None,
+    create: bool,
+    need_encoder: bool = True,
+) -> Collection:
     """The collection at `directory` with its encoder: from `workdir` if given, else the one
-    recorded in the collection. `create`: make a new collection there from `workdir`."""
+    recorded in the collection. `create`: make a new collection there from `workdir`.
+    `need_encoder=False` (remove, duplicates, compact): no model is loaded (start-up time)."""
     path = Path(directory).expanduser()
+    if not need_encoder and segments.is_collection(path):
+        return open_collection(path)
     if not segments.is_collection(path):
         if not create:
             segments.read_manifest(path)  # raises: not a collection, with what to do
