@@ -204,6 +204,19 @@ class _Searcher:
             self.columns = np.ascontiguousarray(table.words[k].view[self.rows].T)
         self.version = table.version
         self.delta_start = table.seq.size
+        self._seen_version, self._current_state = None, ()
+
+    def _current(self) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+        """For the table as it is now: the live mask of the multi-index's rows and its count,
+        the live rows added since the build and their codes as columns. Computed once per
+        change of the table, not per search."""
+        if self._seen_version != self.table.version:
+            alive = self.table.alive.view[self.rows]
+            delta = self.delta_start + np.flatnonzero(self.table.alive.view[self.delta_start :])
+            columns = np.ascontiguousarray(self.table.words[self.bits].view[delta].T)
+            self._current_state = (alive, int(alive.sum()), delta, columns)
+            self._seen_version = self.table.version
+        return self._current_state
 
     def stale(self, use_index: bool) -> bool:
         """Whether this structure no longer fits the table (or the method asked for)."""
@@ -211,7 +224,7 @@ class _Searcher:
             return True
         if self.index is None:
             return self.version != self.table.version
-        dead = len(self.rows) - int(self.table.alive.view[self.rows].sum())
+        dead = len(self.rows) - self._current()[1]
         delta = self.table.seq.size - self.delta_start
         limit = len(self.rows)
         return delta > max(_DELTA_MIN_ITEMS, limit // _DELTA_FRACTION) or (
@@ -225,15 +238,12 @@ class _Searcher:
             return distances, self.rows[positions]
         parts = []
         packed = np.ascontiguousarray(query_words).view(np.uint8)[:, : -(-self.bits // 8)]
-        alive = self.table.alive.view[self.rows]
-        live = int(alive.sum())
+        alive, live, delta, columns = self._current()
         if live:
             mask = None if live == len(alive) else alive  # no removals: the unmasked kernel
             distances, positions = self.index.search(packed, min(k, live), alive=mask)
             parts.append((distances, self.rows[positions]))
-        delta = self.delta_start + np.flatnonzero(self.table.alive.view[self.delta_start :])
         if len(delta):
-            columns = np.ascontiguousarray(self.table.words[self.bits].view[delta].T)
             distances, positions = scan_topk(query_words, columns, min(k, len(delta)), self.bits)
             parts.append((distances, delta[positions]))
         if len(parts) == 1:

@@ -291,7 +291,7 @@ class Service:
             or (Path(item.path).name if item.path else item.id),
             "label": self.label(item),
             "metadata": item.metadata,
-            "thumbnail": f"/api/thumbnail?id={_quote(item.id)}",
+            "thumbnail": f"/api/thumbnail?id={quote(item.id, safe='')}",
         }
         return row if distance is None else row | {"distance": distance}
 
@@ -338,10 +338,6 @@ class Service:
 
 
 _SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-def _quote(text: str) -> str:
-    return quote(text, safe="")
 
 
 def _add_search_routes(app: FastAPI, service: Service) -> None:
