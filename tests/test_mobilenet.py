@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from fdh_jax.models.mobilenet import DepthwiseConv, depthwise_conv_shifted
+from fdh_jax.models.mobilenet import DepthwiseConv, MobileNetV2, depthwise_conv_shifted
 
 
 def grouped_conv(x, kernel, stride):
@@ -62,3 +62,33 @@ def test_depthwise_module_has_the_grouped_conv_variables():
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def test_eval_mode_with_folded_batch_norm_matches_the_layers():
+    """Eval mode folds each BatchNorm into its conv and runs the 1x1 convs as matrix products;
+    the module's own layers (`fold_batch_norm=False`) are the reference, with statistics and
+    affine parameters away from their initial values so that every fold does something."""
+    images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    model = MobileNetV2(num_classes=7)
+    variables = model.init(jax.random.key(1), images)
+    leaves, treedef = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    moved = [
+        leaf * (1 + 0.3 * jax.random.uniform(k, leaf.shape))
+        + 0.05 * jax.random.normal(k, leaf.shape)
+        for leaf, k in zip(leaves, keys, strict=True)
+    ]
+    variables = jax.tree.unflatten(treedef, moved)
+    variables["batch_stats"] = jax.tree.map(jnp.abs, variables["batch_stats"])
+    folded = model.apply(variables, images)
+    layers = MobileNetV2(num_classes=7, fold_batch_norm=False).apply(variables, images)
+    assert set(folded) == set(layers) == {"C2", "C3", "C4", "C5", "logits"}
+    for name, expected in layers.items():
+        assert float(jnp.std(expected)) > 1e-3, name  # not saturated: the check means something
+        np.testing.assert_allclose(
+            folded[name],
+            expected,
+            rtol=2e-4,
+            atol=2e-4 * float(jnp.max(jnp.abs(expected))),
+            err_msg=name,
+        )

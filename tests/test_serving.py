@@ -20,6 +20,7 @@ from folder_datasets import pretrained_config, resnet18_file, write_folder_datas
 from PIL import Image
 
 from fdh_jax.common.checksums import variables_fingerprint
+from fdh_jax.data.decode import decode_image
 from fdh_jax.data.sources.image_files import ImageFilesSource
 from fdh_jax.search.collection import open_collection
 from fdh_jax.search.hash_index import HashIndex
@@ -154,8 +155,9 @@ def test_export_workdir_and_encode_mode_give_identical_codes(served):
 
 
 def test_the_encoding_batch_does_not_change_codes(served):
-    """The service encodes in batches of 1, 2, 4, ... photos: every size gives the codes of the
-    training config's batch, through the workdir and the export."""
+    """The service encodes `prepare`d photos in batches of 1 to 4 and multiples of 4
+    (`encode_prepared`, no input pipeline): every size gives the codes `encode_images` gives in
+    the training config's batch, through the workdir and the export."""
     tmp, workdir, photos, _ = served
     paths = [str(p) for p in sorted(photos.iterdir())] * 3
     for encoder in (load_encoder(workdir), load_encoder(tmp / "export")):
@@ -164,6 +166,12 @@ def test_the_encoding_batch_does_not_change_codes(served):
             codes = encoder.encode_images(paths, batch_size=batch_size)
             for k, expected in reference.items():
                 np.testing.assert_array_equal(codes[k], expected, err_msg=f"{k}, {batch_size}")
+        prepared = np.stack([encoder.prepare(decode_image(p)) for p in paths])
+        for size in (1, 3, 8):
+            codes = [encoder.encode_prepared(prepared[i : i + size]) for i in range(0, 9, size)]
+            for k, expected in reference.items():
+                got = np.concatenate([c[k] for c in codes])
+                np.testing.assert_array_equal(got, expected, err_msg=f"{k}, prepared {size}")
 
 
 def test_serving_failures_are_one_line(served):

@@ -540,8 +540,11 @@ def _capture_conv_outputs(
     """Outputs of every convolution of `module` (eval mode) keyed by module path.
 
     Convolutions are `nn.Conv` and MobileNetV2's `DepthwiseConv` (not an `nn.Conv` subclass:
-    on CPU it runs as shifted multiply-adds).
+    on CPU it runs as shifted multiply-adds), run layer by layer: MobileNetV2's folded eval form
+    is switched off, as its convs are then not modules.
     """
+    if isinstance(module, mobilenet.MobileNetV2):
+        module = module.clone(fold_batch_norm=False)
     conv_types = (nn.Conv, mobilenet.DepthwiseConv)
     filter_convs: Callable[[nn.Module, str], bool] = lambda mdl, _: isinstance(mdl, conv_types)
     _, state = jax.jit(

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from fdh_jax.data.decode import decode_image
+from fdh_jax.data.transforms import eval_transform
 from fdh_jax.search import adaptation
 from fdh_jax.search.adaptation import CollectionHash
 from fdh_jax.search.hash_index import HashIndex
@@ -138,6 +139,19 @@ class Encoder:
     def encode_source(self, source: Any, batch_size: int | None = None) -> dict[str, np.ndarray]:
         """Codes of every item of a source (items with a uint8 `"image"`), in source order, in
         batches of `batch_size` (default `eval.batch_size`)."""
+        raise NotImplementedError
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """The evaluation transform of one uint8 `[H, W, 3]` photo (resize, centre crop,
+        normalise): the float32 `[S, S, 3]` input `encode_prepared` takes."""
+        size = int(self.preprocessing["image_size"])
+        return eval_transform(image, size, int(self.preprocessing["eval_resize"]))
+
+    def encode_prepared(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Codes of a batch of `prepare`d photos (float32 `[B, S, S, 3]`) in one call of the
+        model, with no input pipeline around it: `{"K": int8 [B, K]}`, the codes
+        `encode_images` gives the same photos. Each batch size compiles once: a server keeps to
+        a few sizes (`fdh_jax.serving.service.EncodeBatcher`)."""
         raise NotImplementedError
 
     def build_index(

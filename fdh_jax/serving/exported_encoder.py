@@ -55,6 +55,11 @@ class ExportedEncoder(Encoder):
                 chunks.setdefault(k, []).append(np.asarray(codes)[:count])
         return {k: np.concatenate(v) for k, v in chunks.items()}
 
+    def encode_prepared(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """One call of the exported program on the batch."""
+        codes = self._exported.call(self._variables, np.asarray(batch, np.float32))
+        return {k: np.asarray(v) for k, v in codes.items()}
+
 
 def load_export(export_dir: str | os.PathLike) -> ExportedEncoder:
     """Loads `export_dir` (from `export_encoder`), checking every file against `export.json`."""

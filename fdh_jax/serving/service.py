@@ -77,24 +77,26 @@ class RequestError(Exception):
 class EncodeBatcher:
     """Encodes photos arriving from many requests in shared batches, off the event loop.
 
-    `await encode(image)` -> `{"K": int8 [K]}`. A batch is started by the first photo waiting;
-    it takes the photos that arrive within `window` seconds (and all that queued up while the
-    previous batch was encoding), at most `max_batch` (default the encoder's batch), and runs
-    `encoder.encode_images` on a thread of its own, in a batch of the next power of two
-    (`batch_size`). `in_flight` batches encode at once: XLA's CPU client runs two concurrently
-    faster than one after the other (as `fdh_jax.encoding.map_source` does), and the next batch
-    gathers while one runs.
+    `await encode(prepared)` -> `{"K": int8 [K]}` for a photo through `encoder.prepare` (done
+    in the request's worker thread, beside the decoding). A batch is started by the first photo
+    waiting; it takes the photos that arrive within `window` seconds (and all that queued up
+    while the previous batches were encoding), and runs `encoder.encode_prepared` on a thread
+    of its own: no input pipeline per call. `in_flight` calls run at once (XLA's CPU client
+    runs two concurrently faster than one after the other, as `fdh_jax.encoding.map_source`
+    does), so a batch gathered while a slot is free is split in two halves. A call takes at
+    most `max_batch` photos, in a batch of one of a few sizes (`batch_size`: each compiles
+    once, at `warm_up`).
     """
 
     def __init__(
         self,
         encoder: Any,
         window: float = 0.004,
-        max_batch: int | None = None,
-        in_flight: int = 2,  # the split below assumes 2
+        max_batch: int = 16,
+        in_flight: int = 2,
     ):
         self.encoder, self.window = encoder, window
-        self.max_batch = int(max_batch or encoder.batch_size)
+        self.max_batch = max(1, int(max_batch))
         self.in_flight = in_flight
         self.executor = concurrent.futures.ThreadPoolExecutor(
             in_flight, thread_name_prefix="encode"
@@ -104,19 +106,19 @@ class EncodeBatcher:
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
 
-    async def encode(self, image: np.ndarray) -> dict[str, np.ndarray]:
+    async def encode(self, prepared: np.ndarray) -> dict[str, np.ndarray]:
         if self._task is None:
             self._queue = asyncio.Queue()
             self._task = asyncio.get_running_loop().create_task(self._run())
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put((image, future))
+        await self._queue.put((prepared, future))
         return await future
 
-    async def _collect(self) -> list[tuple[np.ndarray, asyncio.Future]]:
+    async def _collect(self, limit: int) -> list[tuple[np.ndarray, asyncio.Future]]:
         batch = [await self._queue.get()]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.window
-        while len(batch) < self.max_batch:
+        while len(batch) < limit:
             if not self._queue.empty():
                 batch.append(self._queue.get_nowait())
                 continue
@@ -130,28 +132,32 @@ class EncodeBatcher:
         return batch
 
     async def _run(self) -> None:
-        """Collects a batch whenever fewer than `in_flight` are encoding, and starts it, split
-        in two when a second slot is free (two half batches at once beat one whole)."""
+        """Whenever a slot is free, collects a batch and starts it; with more slots free, the
+        batch (up to `max_batch` per free slot) is split over them."""
         free = asyncio.Semaphore(self.in_flight)
         running: set[asyncio.Task] = set()
+        loop = asyncio.get_running_loop()
         while True:
             await free.acquire()
-            batch = await self._collect()
-            parts = [batch]
-            if len(batch) > 1 and not free.locked():  # another slot is free: halves, at once
+            slots = 1
+            while slots < self.in_flight and not free.locked():
                 await free.acquire()
-                half = -(-len(batch) // 2)
-                parts = [batch[:half], batch[half:]]
-            for part in parts:
-                task = asyncio.get_running_loop().create_task(self._encode_batch(part, free))
+                slots += 1
+            batch = await self._collect(self.max_batch * slots)
+            parts = min(slots, len(batch))
+            for _ in range(slots - parts):  # slots the batch does not need
+                free.release()
+            size = -(-len(batch) // parts)
+            for start in range(0, len(batch), size):
+                task = loop.create_task(self._encode_batch(batch[start : start + size], free))
                 running.add(task)
                 task.add_done_callback(running.discard)
 
     async def _encode_batch(self, batch: list, free: asyncio.Semaphore) -> None:
-        images = [image for image, _ in batch]
+        inputs = [prepared for prepared, _ in batch]
         try:
             loop = asyncio.get_running_loop()
-            codes = await loop.run_in_executor(self.executor, self._encode, images)
+            codes = await loop.run_in_executor(self.executor, self._encode, inputs)
         except Exception as error:  # noqa: BLE001 (handed to each waiting request)
             for _, future in batch:
                 if not future.done():
@@ -166,21 +172,22 @@ class EncodeBatcher:
                 future.set_result({k: v[row] for k, v in codes.items()})
 
     def batch_size(self, count: int) -> int:
-        """The encoding batch for `count` photos: the next power of two, at most the encoder's
-        own batch, so a lone photo costs one image's work and each size compiles once."""
-        return min(int(self.encoder.batch_size), 1 << max(0, count - 1).bit_length())
+        """The model's batch for `count` photos: `count` itself up to 4, else the next multiple
+        of 4 (XLA:CPU computes in chunks of 4, `fdh_jax.parallel.map_in_chunks_on_cpu`): at
+        most 3 padded images per call, and `max_batch / 4 + 3` sizes to compile."""
+        return count if count <= 4 else min(-(-count // 4) * 4, max(self.max_batch, 4))
 
-    def _encode(self, images: list[np.ndarray]) -> dict[str, np.ndarray]:
-        return self.encoder.encode_images(images, batch_size=self.batch_size(len(images)))
+    def _encode(self, inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
+        count = len(inputs)
+        batch = np.stack(inputs + inputs[:1] * (self.batch_size(count) - count))
+        return {k: v[:count] for k, v in self.encoder.encode_prepared(batch).items()}
 
     def warm_up(self) -> None:
         """Compiles the encoder for every batch size `batch_size` can pick (once, at start)."""
         size = int(self.encoder.preprocessing["image_size"])
-        image = np.zeros((size, size, 3), np.uint8)
-        count = 1
-        while count <= self.max_batch:
-            self._encode([image] * count)
-            count *= 2
+        prepared = np.zeros((size, size, 3), np.float32)
+        for count in sorted({self.batch_size(n) for n in range(1, self.max_batch + 1)}):
+            self._encode([prepared] * count)
 
     def close(self) -> None:
         if self._task is not None:
@@ -238,6 +245,11 @@ def _decode_upload(data: bytes, name: str) -> np.ndarray:
     except BadImageError as error:
         status = 413 if "decompression bomb" in error.reason else 415
         raise RequestError(status, f"{error.path}: not a readable photo ({error.reason})") from None
+
+
+def _prepared_upload(encoder: Any, data: bytes, name: str) -> np.ndarray:
+    """An uploaded photo decoded (`_decode_upload`) and through `encoder.prepare`."""
+    return encoder.prepare(_decode_upload(data, name))
 
 
 def _positive_int(value: Any, name: str, limit: int) -> int:
@@ -351,8 +363,10 @@ def _add_search_routes(app: FastAPI, service: Service) -> None:
         k_value, length = _positive_int(k, "k", 1000), service.bits(bits)
         data = await photo.read()
         loop = asyncio.get_running_loop()
-        image = await loop.run_in_executor(None, _decode_upload, data, photo.filename or "")
-        codes = await service.batcher.encode(image)
+        prepared = await loop.run_in_executor(
+            None, _prepared_upload, service.collection.encoder, data, photo.filename or ""
+        )
+        codes = await service.batcher.encode(prepared)
         query = codes[str(length)][None, :]
         results = await loop.run_in_executor(
             None, lambda: service.collection.search(codes=query, k=k_value, bits=length)
@@ -388,8 +402,10 @@ def _add_item_routes(app: FastAPI, service: Service) -> None:
             raise RequestError(400, "metadata must be a JSON object")
         data = await photo.read()
         loop = asyncio.get_running_loop()
-        image = await loop.run_in_executor(None, _decode_upload, data, photo.filename or "")
-        codes = await service.batcher.encode(image)
+        prepared = await loop.run_in_executor(
+            None, _prepared_upload, service.collection.encoder, data, photo.filename or ""
+        )
+        codes = await service.batcher.encode(prepared)
 
         def commit() -> str:
             path = service.store_upload(data, photo.filename or "")

@@ -43,6 +43,15 @@ class WorkdirEncoder(Encoder):
         )
         return codes
 
+    def encode_prepared(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """One call of the jitted encoder over the mesh (`fdh_jax.encoding.encode`), the batch
+        padded to a multiple of the mesh's devices (single process)."""
+        count, devices = len(batch), self.mesh.devices.size
+        padded = np.concatenate([batch, np.repeat(batch[:1], (-count) % devices, axis=0)])
+        inputs = jax.device_put(padded, parallel.batch_sharding(self.mesh))
+        codes = encoding.encoder(self.model, self.mesh)(self.variables, inputs)
+        return {k: np.asarray(v)[:count] for k, v in codes.items()}
+
     def _config_for(self, batch_size: int | None) -> Any:
         """The config with `eval.batch_size` = `batch_size` rounded up to a multiple of the
         mesh's devices (one copy per size, kept)."""
