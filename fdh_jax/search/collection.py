@@ -263,10 +263,22 @@ def _check_ids(ids: Sequence[str], count: int) -> list[str]:
             raise CollectionError(
                 f"ids must be non-empty strings (at most 1024 characters), got {item_id!r}"
             )
-    if len(set(ids)) != len(ids):
-        repeated = sorted({i for i in ids if ids.count(i) > 1})
-        raise CollectionError(f"ids given twice in one call: {', '.join(map(repr, repeated[:5]))}")
+    check_distinct_ids(ids)
     return ids
+
+
+def check_distinct_ids(ids: Sequence[str | None]) -> None:
+    """`CollectionError` naming the ids that `ids` holds twice (None: an id to generate). A
+    photo's id is its path unless given, so the same photo twice in one add is refused too:
+    one change cannot add one id twice."""
+    named = [i for i in ids if i is not None]
+    if len(set(named)) != len(named):
+        seen: set[str] = set()
+        repeated = sorted({i for i in named if i in seen or seen.add(i)})
+        raise CollectionError(
+            f"ids given twice in one call (a photo's id is its path unless given): "
+            f"{', '.join(map(repr, repeated[:5]))}"
+        )
 
 
 def _check_metadata(metadata: Any, count: int) -> list[dict]:
@@ -524,6 +536,7 @@ class Collection:
             given = [p or None for p in item_paths]  # a file's id is its path unless given
             self._need_encoder("add photos")
         given = _check_ids(ids, count) if ids is not None else given
+        check_distinct_ids(given)
         metadata = _check_metadata(metadata, count)
         if codes is None:  # the slow part, after every argument was checked
             kept, codes, failed = _encode_photos(self.encoder, photos, progress)
@@ -539,6 +552,7 @@ class Collection:
                 return None
             seq = np.arange(next_seq, next_seq + len(kept), dtype=np.int64)
             added.extend(given[p] or f"item-{s}" for p, s in zip(kept, seq, strict=True))
+            check_distinct_ids(added)  # a guard: a segment adding an id twice is unreadable
             table = self._table
             replaced = [table.row_of[i] for i in added if i in table.row_of]
             return Segment(
