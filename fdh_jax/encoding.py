@@ -59,21 +59,25 @@ def map_source(
     `G = eval.batch_size`, the same on every process.
 
     The items, padded to whole global batches, are dealt out like training slots: process `p`
-    takes slots `[p * b, (p + 1) * b)` of each global batch (`b = G / processes`). Each slot's
+    takes slots `[p * b, (p + 1) * b)` of each global batch (`b = G / processes`), the processes
+    being those whose devices `mesh` holds (a mesh of this process's devices only encodes all
+    of `source` here, alone, in a multi-process run). Each slot's
     dataset position travels with its inputs through the same sharding and gather, so outputs
     can be put back in dataset order whatever the device order of the mesh. Positions `>= N`
     are padding (they repeat item 0). `transform` makes the inputs of a record (default: see
     `eval_dataset`).
     """
-    local_batch = config.eval.batch_size // jax.process_count()
-    mine = _process_positions(len(source), config.eval.batch_size)
+    processes, rank = _mesh_processes(mesh)
+    local_batch = config.eval.batch_size // processes
+    mine = _process_positions(len(source), config.eval.batch_size, processes, rank)
     indices = np.where(mine < len(source), mine, 0)
     # Two batches in flight: the next is dispatched before the previous is read back, so the
     # device computes while the host gathers. With one process each runs in a thread of its
     # own: XLA's CPU client then executes both at once (MobileNetV2 over 64-image halves on 2
     # cores: 223 images/s against 129 one after the other); several processes dispatch in one
     # order from the main thread, as their collectives require.
-    pool = ThreadPoolExecutor(IN_FLIGHT) if jax.process_count() == 1 else None
+    pool = ThreadPoolExecutor(IN_FLIGHT) if processes == 1 else None
+    gathered = _gathered if processes > 1 else _local
     in_flight: collections.deque[Callable[[], tuple]] = collections.deque()
 
     def run(batch: dict) -> tuple:
@@ -96,22 +100,33 @@ def map_source(
                 else:
                     in_flight.append(pool.submit(run, batch).result)
                 if len(in_flight) >= IN_FLIGHT:
-                    yield _gathered(*in_flight.popleft()())
+                    yield gathered(*in_flight.popleft()())
         while in_flight:
-            yield _gathered(*in_flight.popleft()())
+            yield gathered(*in_flight.popleft()())
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
 
 
-def _process_positions(num_items: int, global_batch: int) -> np.ndarray:
-    """This process's dataset positions, in order: the items padded to whole global batches,
-    slots `[p * b, (p + 1) * b)` of each (`b` = global batch / processes); `>= num_items` is
-    padding."""
-    local_batch = global_batch // jax.process_count()
+def _mesh_processes(mesh) -> tuple[int, int]:
+    """(how many processes own the devices of `mesh`, this process's rank among them)."""
+    owners = sorted({device.process_index for device in mesh.devices.flat})
+    return len(owners), owners.index(jax.process_index())
+
+
+def _process_positions(num_items: int, global_batch: int, processes: int, rank: int) -> np.ndarray:
+    """The dataset positions of process `rank` of `processes`, in order: the items padded to
+    whole global batches, slots `[rank * b, (rank + 1) * b)` of each (`b` = global batch /
+    processes); `>= num_items` is padding."""
+    local_batch = global_batch // processes
     slots = np.arange(num_items + (-num_items) % global_batch).reshape(-1, global_batch)
-    first = jax.process_index() * local_batch
+    first = rank * local_batch
     return slots[:, first : first + local_batch].reshape(-1).astype(np.int32)
+
+
+def _local(positions: jax.Array, outputs: dict) -> tuple[np.ndarray, dict]:
+    """A global batch of a one-process mesh as NumPy: there is nothing to gather."""
+    return np.asarray(positions), {k: np.asarray(v) for k, v in outputs.items()}
 
 
 def _gathered(positions: jax.Array, outputs: dict) -> tuple[np.ndarray, dict]:

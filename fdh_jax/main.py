@@ -9,7 +9,8 @@ Modes:
   search  rank `--index` for the image(s) at `--query`, print the top `--topk`
   export  serialise the encoder into `--export_dir` (jax.export; see fdh_jax/serving/export.py)
   add     add the photos at `--images` to `--collection` (created from `--workdir` if new),
-          with `--ids` or their paths as ids; re-adding an id replaces it
+          with `--ids` or their paths as ids; re-adding an id replaces it. Launched as several
+          processes, each encodes a share (fdh_jax/serving/multiprocess_add.py)
   remove  remove the items `--ids` from `--collection`
   duplicates  print the groups of `--collection` items within `--max_distance` bits
   compact rewrite `--collection` without its removed items
@@ -170,6 +171,15 @@ def _run_collection_mode() -> None:
         raise app.UsageError("--mode=remove needs --ids=ID,ID,... (or @FILE)")
     from fdh_jax.serving import collection_modes as modes  # noqa: PLC0415
 
+    if mode == "add" and _several_processes():
+        from fdh_jax.serving import multiprocess_add  # noqa: PLC0415
+
+        status = multiprocess_add.add_photos(
+            FLAGS.collection, FLAGS.workdir, FLAGS.step, FLAGS.images, FLAGS.ids
+        )
+        if status:
+            sys.exit(status)
+        return
     token = FLAGS.token or os.environ.get("FDH_JAX_TOKEN") or None
     if mode == "serve":
         modes.check_start(FLAGS.host, token)  # before the model loads: a refusal is instant
@@ -193,6 +203,14 @@ def _run_collection_mode() -> None:
     else:
         collection.compact()
         print(f"Compacted {collection.directory} ({len(collection)} items)", flush=True)
+
+
+def _several_processes() -> bool:
+    """Whether this is one of several processes (`jax.distributed`); JAX is imported here, as
+    in `main`, after the flags are parsed."""
+    import jax  # noqa: PLC0415
+
+    return jax.process_count() > 1
 
 
 PREEMPTED_EXIT_STATUS = 143  # 128 + SIGTERM: not finished, so schedulers and loops rerun it

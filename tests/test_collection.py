@@ -247,6 +247,10 @@ def test_bad_photos_are_named_and_the_others_added(tmp_path):
     again = collection.add([photos[1]])  # the same file again replaces its item
     assert again.ids == [str(photos[1])] and len(collection) == 3
     assert collection.ids()[-1] == str(photos[1])
+    # Twice in one add would be one id added twice by one segment: refused, nothing written.
+    with pytest.raises(CollectionError, match="ids given twice in one call"):
+        collection.add([photos[0], photos[2], photos[0]])
+    assert open_collection(tmp_path / "c").ids() == collection.ids()
 
     with pytest.raises(CollectionError, match="not of this model"):
         open_collection(tmp_path / "c", _FakeEncoder(fingerprint="0" * 64))

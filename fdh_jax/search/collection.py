@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from fdh_jax.common.atomic_files import write_text_atomically
 from fdh_jax.data.decode import BadImageError, decode_image
 from fdh_jax.search import segments as store
 from fdh_jax.search.bits import (
@@ -95,6 +96,22 @@ class AddResult:
 
     ids: list[str]
     failed: list[tuple[str, str]]
+
+
+@dataclasses.dataclass
+class NewItems:
+    """Items checked and encoded for an add, not yet in the collection (`prepare_add`): the
+    input positions `kept` (readable), their `codes` `{K: int8 [len(kept), K]}`, `failed`
+    `(photo, why)`, and per input position its `given` id (None: `item-<seq>`), `paths`,
+    `labels` and `metadata`."""
+
+    kept: list[int]
+    codes: dict[int, np.ndarray]
+    failed: list[tuple[str, str]]
+    given: list[str | None]
+    paths: list[str]
+    labels: np.ndarray
+    metadata: list[dict]
 
 
 @dataclasses.dataclass
@@ -263,10 +280,22 @@ def _check_ids(ids: Sequence[str], count: int) -> list[str]:
             raise CollectionError(
                 f"ids must be non-empty strings (at most 1024 characters), got {item_id!r}"
             )
-    if len(set(ids)) != len(ids):
-        repeated = sorted({i for i in ids if ids.count(i) > 1})
-        raise CollectionError(f"ids given twice in one call: {', '.join(map(repr, repeated[:5]))}")
+    check_distinct_ids(ids)
     return ids
+
+
+def check_distinct_ids(ids: Sequence[str | None]) -> None:
+    """`CollectionError` naming the ids that `ids` holds twice (None: an id to generate). A
+    photo's id is its path unless given, so the same photo twice in one add is refused too:
+    one change cannot add one id twice."""
+    named = [i for i in ids if i is not None]
+    if len(set(named)) != len(named):
+        seen: set[str] = set()
+        repeated = sorted({i for i in named if i in seen or seen.add(i)})
+        raise CollectionError(
+            f"ids given twice in one call (a photo's id is its path unless given): "
+            f"{', '.join(map(repr, repeated[:5]))}"
+        )
 
 
 def _check_metadata(metadata: Any, count: int) -> list[dict]:
@@ -444,8 +473,11 @@ class Collection:
             self._table.apply(segment, record["file"])
         self._manifest = manifest
 
-    def _commit(self, manifest: dict, records: list[dict]) -> dict:
-        manifest = manifest | {"generation": manifest["generation"] + 1, "segments": records}
+    def _commit(self, manifest: dict, records: list[dict], generation: int | None = None) -> dict:
+        """Writes the manifest listing `records`, of `generation` (default: the next); segment
+        files are numbered by the generation that first lists them, so it must count past them."""
+        generation = manifest["generation"] + 1 if generation is None else generation
+        manifest = manifest | {"generation": generation, "segments": records}
         store.write_manifest(self.directory, manifest)
         return manifest
 
@@ -510,6 +542,32 @@ class Collection:
         JSON object per item; `labels`: class ids (default -1); `paths`: for codes. A photo that
         cannot be read is not added and is listed in the result's `failed`; the others are.
         """
+        new = self.prepare_add(
+            photos, ids, metadata, labels=labels, codes=codes, paths=paths, progress=progress
+        )
+        added: list[str] = []
+
+        def build(next_seq: int) -> Segment | None:
+            segment, segment_ids = self._new_segment(new, next_seq)
+            added.extend(segment_ids)
+            return segment
+
+        self._change(build)
+        return AddResult(ids=added, failed=new.failed)
+
+    def prepare_add(
+        self,
+        photos: Sequence[Any] | None = None,
+        ids: Sequence[str] | None = None,
+        metadata: Sequence[dict] | None = None,
+        *,
+        labels: Sequence[int] | None = None,
+        codes: Any = None,
+        paths: Sequence[str] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> NewItems:
+        """The first half of `add` (same arguments): checks them and encodes the photos, but
+        changes nothing. `stage_add` writes the result for a multi-process add."""
         if (photos is None) == (codes is None):
             raise CollectionError("add takes photos or codes=, one of the two")
         if codes is not None:
@@ -524,6 +582,7 @@ class Collection:
             given = [p or None for p in item_paths]  # a file's id is its path unless given
             self._need_encoder("add photos")
         given = _check_ids(ids, count) if ids is not None else given
+        check_distinct_ids(given)
         metadata = _check_metadata(metadata, count)
         if codes is None:  # the slow part, after every argument was checked
             kept, codes, failed = _encode_photos(self.encoder, photos, progress)
@@ -532,27 +591,96 @@ class Collection:
         labels = np.full(count, -1, np.int64) if labels is None else np.asarray(labels, np.int64)
         if len(item_paths) != count or labels.shape != (count,):
             raise CollectionError(f"give one path and one label per item ({count})")
-        added: list[str] = []
+        return NewItems(kept, codes, failed, given, item_paths, labels, metadata)
 
-        def build(next_seq: int) -> Segment | None:
-            if not kept:
-                return None
-            seq = np.arange(next_seq, next_seq + len(kept), dtype=np.int64)
-            added.extend(given[p] or f"item-{s}" for p, s in zip(kept, seq, strict=True))
-            table = self._table
-            replaced = [table.row_of[i] for i in added if i in table.row_of]
-            return Segment(
-                seq=seq,
-                ids=list(added),
-                paths=[item_paths[p] for p in kept],
-                labels=labels[kept],
-                metadata=[metadata[p] for p in kept],
-                codes={k: pack_codes(codes[k]) for k in self.bits},
-                removed=np.sort(table.seq.view[replaced]).astype(np.int64),
+    def _new_segment(self, new: NewItems, next_seq: int) -> tuple[Segment | None, list[str]]:
+        """The segment adding `new`'s kept items from seq `next_seq` on, replacing the items of
+        the table with their ids; and those ids (None and [] if nothing is kept)."""
+        if not new.kept:
+            return None, []
+        seq = np.arange(next_seq, next_seq + len(new.kept), dtype=np.int64)
+        added = [new.given[p] or f"item-{s}" for p, s in zip(new.kept, seq, strict=True)]
+        check_distinct_ids(added)  # a guard: a segment adding an id twice is unreadable
+        table = self._table
+        replaced = [table.row_of[i] for i in added if i in table.row_of]
+        segment = Segment(
+            seq=seq,
+            ids=added,
+            paths=[new.paths[p] for p in new.kept],
+            labels=new.labels[new.kept],
+            metadata=[new.metadata[p] for p in new.kept],
+            codes={k: pack_codes(new.codes[k]) for k in self.bits},
+            removed=np.sort(table.seq.view[replaced]).astype(np.int64),
+        )
+        return segment, added
+
+    # ------------------------------------------------------------- a multi-process add
+
+    def stage_add(self, new: NewItems, run: Path, part: int, seq_offset: int) -> None:
+        """Writes `new` (from `prepare_add`) as part `part` of a multi-process add into its
+        staging folder `run` (`segments.staging_run`): a segment numbered as if the parts before
+        it, `seq_offset` items in all, were added just before, and `<part>.json`, its record and
+        failed photos. Nothing changes until `commit_staged`. Every item needs an id (given or
+        its path): a generated `item-<seq>` could change at the commit."""
+        if any(new.given[p] is None for p in new.kept):
+            raise CollectionError("a multi-process add needs an id per item: photo paths or ids")
+        with self._lock:
+            segment, _ = self._new_segment(new, self._manifest["next_seq"] + seq_offset)
+        record = None
+        if segment is not None:
+            record = store.write_segment_as(run / f"{part}.npz", segment)
+        receipt = {"record": record, "failed": [list(f) for f in new.failed]}
+        write_text_atomically(run / f"{part}.json", json.dumps(receipt))
+
+    def commit_staged(self, run: Path, parts: int) -> AddResult:
+        """Adds the parts `0 .. parts - 1` staged in `run` (`stage_add`) as one change, in part
+        order: one manifest write lists their segments, moved into `segments/`. A part numbered
+        for the collection as it was when staged is moved as written; if another change came in
+        between, it is renumbered and rewritten here. A kill before the manifest's rename leaves
+        the collection as it was. The result equals that of one `add` of all the parts' items."""
+        with self._lock, store.write_lock(self.directory):
+            self._sync(store.read_manifest(self.directory))
+            store.remove_unlisted_segments(self.directory, self._manifest, keep=run)
+            staged, failed = _read_staged(run, parts, self.bits)
+            added = [item_id for written, _ in staged for item_id in written.ids]
+            check_distinct_ids(added)  # parts staged for different lists of photos
+            manifest, number = self._manifest, self._manifest["generation"]
+            next_seq, new_records, segments = manifest["next_seq"], [], []
+            for written, record in staged:
+                segment = self._renumbered(written, next_seq)
+                number += 1
+                if _same_numbers(segment, written):
+                    name = store.segment_name(number)
+                    os.replace(run / record["file"], self.directory / name)
+                    record = record | {"file": name}
+                else:
+                    record = store.write_segment(self.directory, number, segment)
+                new_records.append(record | {"first_seq": next_seq})
+                segments.append(segment)
+                next_seq += len(segment.seq)
+            if not segments:
+                return AddResult(ids=[], failed=failed)
+            store.fsync_directory(self.directory / store.SEGMENTS)
+            self._manifest = self._commit(
+                manifest | {"next_seq": next_seq}, [*manifest["segments"], *new_records], number
             )
-
-        self._change(build)
+            for segment, record in zip(segments, new_records, strict=True):
+                self._table.apply(segment, record["file"])
+            self.last_change_bytes = sum(r["bytes"] for r in new_records) + (
+                (self.directory / store.MANIFEST).stat().st_size
+            )
+            self._merge_tail()
         return AddResult(ids=added, failed=failed)
+
+    def _renumbered(self, segment: Segment, next_seq: int) -> Segment:
+        """`segment`'s items numbered from `next_seq`, replacing the table's items of their ids."""
+        table = self._table
+        replaced = [table.row_of[i] for i in segment.ids if i in table.row_of]
+        return dataclasses.replace(
+            segment,
+            seq=np.arange(next_seq, next_seq + len(segment.seq), dtype=np.int64),
+            removed=np.sort(table.seq.view[replaced]).astype(np.int64),
+        )
 
     def _check_codes(self, codes: Any) -> dict[int, np.ndarray]:
         if not isinstance(codes, dict):
@@ -766,6 +894,31 @@ def _merge_segments(older: Segment, newer: Segment, bits: list[int]) -> Segment:
         codes={k: np.concatenate([older.codes[k][kept], newer.codes[k]]) for k in bits},
         removed=removed.astype(np.int64),
     )
+
+
+def _read_staged(
+    run: Path, parts: int, bits: list[int]
+) -> tuple[list[tuple[Segment, dict]], list[tuple[str, str]]]:
+    """The segments staged in `run` by parts `0 .. parts - 1` with their records, in part order
+    (parts that kept nothing have none), and every part's failed photos."""
+    staged, failed = [], []
+    for part in range(parts):
+        path = run / f"{part}.json"
+        if not path.is_file():
+            raise CollectionError(
+                f"{path} is missing: process {part} did not finish its part of the add; nothing "
+                "was added: run the same command again"
+            )
+        receipt = json.loads(path.read_text(encoding="utf-8"))
+        failed.extend((photo, why) for photo, why in receipt["failed"])
+        if receipt["record"] is not None:
+            record = receipt["record"]
+            staged.append((store.read_segment(run, record, bits), record))
+    return staged, failed
+
+
+def _same_numbers(one: Segment, other: Segment) -> bool:
+    return np.array_equal(one.seq, other.seq) and np.array_equal(one.removed, other.removed)
 
 
 def _check_encoder(manifest: dict, encoder: Any, directory: Path) -> None:

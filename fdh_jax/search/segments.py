@@ -3,6 +3,7 @@
     DIR/collection.json        the manifest: format, code lengths, encoder, the segments in order
     DIR/segments/00000007.npz  one change: the items it adds and the items it removes
     DIR/.lock                  held (flock) by the process that is changing the collection
+    DIR/incoming/<run>/        segments of a multi-process add, written before its one commit
 
 **A change** (an add, a remove, a compaction) writes one new segment file (temporary file, fsync,
 rename), then a new manifest that lists it (temporary file, fsync, rename, fsync of the folder).
@@ -19,6 +20,11 @@ one array per code length.
 
 The manifest records each segment's SHA-256 and size: a damaged or missing segment is named with
 what to do, never skipped.
+
+**A multi-process add** (`staging_run`) has each process write its segment into a folder of its
+own under `incoming/`; one process then moves them into `segments/` and lists them all in one
+manifest. The folder counts as in use while the committing process holds a shared flock on its
+`.alive` file; a change deletes the folders of runs nobody holds (killed before their commit).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import hashlib
 import io
 import json
 import re
+import secrets
+import shutil
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +51,8 @@ COLLECTION_FORMAT_VERSION = 1
 MANIFEST = "collection.json"
 SEGMENTS = "segments"
 LOCK = ".lock"
+INCOMING = "incoming"
+_ALIVE = ".alive"
 _SEGMENT_NAME = re.compile(r"^\d{8,}\.npz$")
 
 
@@ -102,15 +112,26 @@ def _segment_bytes(segment: Segment) -> bytes:
     return buffer.getvalue()
 
 
+def segment_name(number: int) -> str:
+    """The file of segment `number`, relative to the collection's folder."""
+    return f"{SEGMENTS}/{number:08d}.npz"
+
+
 def write_segment(directory: Path, number: int, segment: Segment) -> dict:
     """Writes `segment` as `segments/<number>.npz` (atomically, synced) and returns its manifest
     record: file, bytes, sha256, item and removal counts."""
+    name = segment_name(number)
+    return write_segment_as(directory / name, segment) | {"file": name}
+
+
+def write_segment_as(path: Path, segment: Segment) -> dict:
+    """Writes `segment` to `path` (atomically, synced) and returns its record, `"file"` being the
+    file's name."""
     data = _segment_bytes(segment)
-    name = f"{SEGMENTS}/{number:08d}.npz"
-    write_bytes_atomically(directory / name, data)
-    fsync_directory(directory / SEGMENTS)
+    write_bytes_atomically(path, data)
+    fsync_directory(path.parent)
     return {
-        "file": name,
+        "file": path.name,
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
         "items": len(segment.ids),
@@ -215,10 +236,11 @@ def write_manifest(directory: Path, manifest: dict) -> None:
     fsync_directory(directory)
 
 
-def remove_unlisted_segments(directory: Path, manifest: dict) -> None:
+def remove_unlisted_segments(directory: Path, manifest: dict, keep: Path | None = None) -> None:
     """Deletes segment files the manifest does not list (those of a change killed before its
-    commit, or dropped by a compaction) and temporary files left by a kill. Call with the lock
-    held: no other process can be writing then."""
+    commit, or dropped by a compaction), temporary files left by a kill, and the `incoming/`
+    folders of multi-process adds that no process holds any more (`keep`: the caller's own run,
+    spared). Call with the lock held: no other process can be writing then."""
     listed = {Path(record["file"]).name for record in manifest["segments"]}
     folder = directory / SEGMENTS
     for path in folder.iterdir() if folder.is_dir() else ():
@@ -227,6 +249,40 @@ def remove_unlisted_segments(directory: Path, manifest: dict) -> None:
             path.unlink(missing_ok=True)
     for path in directory.glob(f".{MANIFEST}.tmp-*"):
         path.unlink(missing_ok=True)
+    runs = directory / INCOMING
+    for run in runs.iterdir() if runs.is_dir() else ():
+        if run.name != getattr(keep, "name", None) and not _held(run):
+            shutil.rmtree(run, ignore_errors=True)
+
+
+def _held(run: Path) -> bool:
+    """Whether a process holds the staging folder `run` (see `staging_run`)."""
+    try:
+        with open(run / _ALIVE, "r+b") as handle:  # writable: NFS needs it for an exclusive lock
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock file: a run half made or half deleted by a kill
+        return False
+    return False
+
+
+@contextmanager
+def staging_run(directory: Path) -> Iterator[Path]:
+    """A new folder `incoming/<random name>/` for the segments of a multi-process add, held (a
+    shared flock on its `.alive` file) until the context exits, which deletes it. It is made
+    under the write lock, so a change deleting unheld runs never sees it half made; a kill of
+    the holder leaves it unheld: garbage for the next change to delete."""
+    with write_lock(directory):
+        run = directory / INCOMING / secrets.token_hex(8)
+        run.mkdir(parents=True)
+        handle = open(run / _ALIVE, "a+b")  # noqa: SIM115 (held until the context exits)
+        fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
+    try:
+        yield run
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+        handle.close()
 
 
 @contextmanager

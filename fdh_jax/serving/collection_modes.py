@@ -20,11 +20,12 @@ import ipaddress
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fdh_jax.data.sources.image_files import ImageFilesSource
 from fdh_jax.search import segments
-from fdh_jax.search.collection import Collection, CollectionError, open_collection
+from fdh_jax.search.collection import AddResult, Collection, CollectionError, open_collection
 from fdh_jax.serving.load import load_encoder
 
 SOME_PHOTOS_FAILED = 1  # the exit status of an add that left out unreadable photos
@@ -68,6 +69,14 @@ def open_for_cli(
     path = Path(directory).expanduser()
     if not need_encoder and segments.is_collection(path):
         return open_collection(path)
+    model = model_for_cli(path, workdir, create)
+    return open_collection(path, load_encoder(model, step), create=create)
+
+
+def model_for_cli(path: Path, workdir: str | None, create: bool) -> str:
+    """Where to load the encoder of the collection at `path` from: `workdir` if given, else the
+    model the collection records. `CollectionError` (what to do) if there is none: no such
+    collection (and not `create`), a new one without `workdir`, a recorded model that is gone."""
     if not segments.is_collection(path):
         if not create:
             segments.read_manifest(path)  # raises: not a collection, with what to do
@@ -76,7 +85,7 @@ def open_for_cli(
                 f"{path} is not a collection yet: give --workdir=TRAINING_WORKDIR_OR_EXPORT to "
                 "create it with that model"
             )
-        return open_collection(path, load_encoder(workdir, step), create=True)
+        return workdir
     model = workdir or segments.read_manifest(path).get("model_path")
     if model is None:
         raise CollectionError(f"{path} records no model (codes given directly): give --workdir")
@@ -85,7 +94,7 @@ def open_for_cli(
             f"{path} was made with the model at {model}, which is gone: give --workdir=W, a "
             "copy of that workdir or its export"
         )
-    return open_collection(path, load_encoder(model, step))
+    return model
 
 
 def _progress(done: int, total: int, started: float) -> None:
@@ -96,13 +105,29 @@ def _progress(done: int, total: int, started: float) -> None:
 def add_photos(collection: Collection, images: str, ids: str | None) -> int:
     """`--mode=add`: prints one line per unreadable photo (stderr) and the result line; returns
     the exit status (0, or `SOME_PHOTOS_FAILED`)."""
+    paths, given = photos_and_ids(images, ids)
+    result = collection.add(paths, ids=given, progress=progress_printer(len(paths)))
+    return report_add(collection, result)
+
+
+def photos_and_ids(images: str, ids: str | None) -> tuple[list[str], list[str] | None]:
+    """`--images` and `--ids` of an add: the photos' paths, and their ids (None: the paths)."""
     paths = photo_paths(images)
     given = parse_ids(ids) if ids else None
     if given is not None and len(given) != len(paths):
         raise CollectionError(f"--ids names {len(given)} ids for {len(paths)} photos")
+    return paths, given
+
+
+def progress_printer(total: int) -> Callable[[int, int], None] | None:
+    """A `progress` for `Collection.add` printing the rate, for adds of over 256 photos."""
     started = time.perf_counter()
-    show = (lambda d, t: _progress(d, t, started)) if len(paths) > 256 else None
-    result = collection.add(paths, ids=given, progress=show)
+    return (lambda d, t: _progress(d, t, started)) if total > 256 else None
+
+
+def report_add(collection: Collection, result: AddResult) -> int:
+    """Prints an add's unreadable photos (stderr) and its result line; returns the exit status
+    (0, or `SOME_PHOTOS_FAILED`)."""
     for photo, why in result.failed:
         print(f"fdh_jax: not added: {photo}: {why}", file=sys.stderr, flush=True)
     failed = f"; {len(result.failed)} unreadable photo(s) not added" if result.failed else ""

@@ -154,6 +154,12 @@ class Encoder:
         a few sizes (`fdh_jax.serving.service.EncodeBatcher`)."""
         raise NotImplementedError
 
+    def on_local_devices(self) -> Encoder:
+        """This encoder on this process's devices only, for a multi-process run whose processes
+        each encode photos of their own (a multi-process `--mode=add`): the same identity and
+        codes, no collective. Itself where it is so already (one process, an export)."""
+        return self
+
     def build_index(
         self, paths: Any, bits: int | None = None, labels: Any = None, *, adapt: bool = False
     ):

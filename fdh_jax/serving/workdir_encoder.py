@@ -9,6 +9,7 @@ workdir's record describes (`fdh_jax.training.workdir`).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -65,6 +66,19 @@ class WorkdirEncoder(Encoder):
             self._configs[size] = config
         return self._configs[size]
 
+    def on_local_devices(self) -> WorkdirEncoder:
+        if jax.process_count() == 1:
+            return self
+        local = copy.copy(self)
+        local.mesh = _encoding_mesh(int(self.config.eval.batch_size), jax.local_devices())
+        sharding = parallel.replicated(local.mesh)
+        # The variables are replicated: this process's first copy holds them all.
+        local.variables = jax.tree.map(
+            lambda a: jax.device_put(a.addressable_data(0), sharding), self.variables
+        )
+        local._configs = {}
+        return local
+
     def transfer_features(self, source: Any, descriptor_weight: float) -> np.ndarray:
         outputs = encoding.transfer_outputs(
             self.model, self.variables, source, self.config, self.mesh
@@ -72,13 +86,14 @@ class WorkdirEncoder(Encoder):
         return adaptation.transfer_features(*outputs, descriptor_weight)
 
 
-def _encoding_mesh(batch_size: int):
-    """All devices, or the most that divide the encoding batch (it is split over them)."""
-    devices = jax.devices()
-    if jax.process_count() == 1:
-        usable = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
-        devices = devices[:usable]
-    return parallel.make_mesh(devices)
+def _encoding_mesh(batch_size: int, devices: list | None = None):
+    """All devices of all processes; or, on one process (or for `devices` of this process), the
+    most of them that divide the encoding batch (it is split over them)."""
+    if devices is None and jax.process_count() > 1:
+        return parallel.make_mesh(jax.devices())
+    devices = jax.devices() if devices is None else devices
+    usable = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
+    return parallel.make_mesh(devices[:usable])
 
 
 def restore_encoder(
