@@ -7,12 +7,13 @@ run exceeds 0.5 per core):
   scan   (default) `hamming_topk`, our exact linear scan, vs faiss. 1,000 queries x 1,000,000
          uniform random 64-bit codes, k = 100. Distances must equal faiss's for every query;
          indices must equal a NumPy brute force ordered by (distance, index) on a query subset.
-         Last line: `ours / faiss: 0.83x (median of 5; distances identical)`.
+         Last line: `ours / faiss: <ratio>x (median of 5; distances identical)`
+         (BENCHMARKS.md records the measured ratios).
   mih    `MultiIndexHashing` on 10,000,000 class-clustered 64-bit codes (benchmarks/
          clustered_codes.py: 1,000 classes, 10-20% of bits flipped), 1,000 queries, k = 100, vs
          faiss and our linear scan. MIH must equal the scan on every query (distances and
          indices), the scan equal brute force on a subset, the distances faiss's. States the
-         table memory. Last line: `faiss / MIH per query: 25.1x (median of 5; ...)`.
+         table memory. Last line: `faiss / MIH per query: <ratio>x (median of 5; ...)`.
   sweep  MIH vs linear scan over flip rate, code length and database size (the break-even).
 
   python benchmarks/search.py

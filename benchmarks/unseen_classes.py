@@ -1,6 +1,7 @@
 """Retrieval among classes never seen in training: cub100 split by species, 50 / 50.
 
   python benchmarks/unseen_classes.py                       # build the split, print the commands
+  python benchmarks/unseen_classes.py --baselines           # the baselines only (no training)
   python benchmarks/unseen_classes.py --run --seeds=0,1,2   # and train, evaluate, run baselines
   python benchmarks/unseen_classes.py --run -- --config.train.num_steps=800  # + main flags
 
@@ -11,34 +12,45 @@ the original train (database) / test (query) split of every image.
 
 With `--run` it then, for each seed:
 1. trains the README's real-photo recipe (`configs/frozen_mobilenet_v2.py`, plus any flags given
-   after `--`) on the seen species, `--workdir=OUT/workdir_seed<s>` (a finished seed is reused);
+   after `--`) on the seen species, `--workdir=OUT/workdir_seed<s>`; a finished seed is reused
+   only if its recorded `config.json` is the config this command trains (else it stops and
+   names the fields that differ);
 2. scores that model on the unseen species with `--mode=eval --eval_data=OUT/unseen`: the
    unseen database is hashed and ranked for the unseen queries;
 3. and with `--adapt`: codes fitted to the unseen database without its labels
    (`fdh_jax/search/adaptation.py`, PCA-ITQ on the model's foreground-pooled C5 and descriptor);
-and fits the linear baselines of `feature_baselines.py` on pooled C5 features of the same frozen
-backbone: LSH (seeded random hyperplanes through the unseen database's mean), PCA-ITQ and
-LDA-ITQ fitted on the *seen* database and applied to the unseen species
-(the same information as the model had), and PCA-ITQ fitted on the unseen database itself
-(unsupervised, so it may see the collection it indexes). It prints one table of mAP@all x100,
-the model's row as mean +- std over the seeds.
+   an evaluation recorded for another checkpoint, folder or descriptor weight is run again.
+
+With `--run` or `--baselines` it fits the linear baselines of `feature_baselines.py` on the C5
+features of the same frozen backbone, on every feature variant there (centre crop or photo +
+mirror, plain or mask pooling, raw or L2): LSH (seeded random hyperplanes through the unseen
+database's mean), PCA-ITQ and LDA-ITQ fitted on the *seen* database and applied to the unseen
+species (the same information as the model had), and PCA-ITQ fitted on the unseen database
+itself (unsupervised, so it may see the collection it indexes, as `--adapt` does). PCA-ITQ on
+the unseen database with photo + mirror, mask pooling and L2 is `--adapt` at descriptor weight
+0: no trained parameter. It prints the grid, the old rows beside the rows on the model's terms,
+the cosine (continuous) mAP of the pooled features, and with `--run` the model's rows as mean
++- std over the seeds (mAP@all x100).
 """
 
 import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import feature_baselines as fb
 import numpy as np
-from feature_baselines import SHARED, cached_features, hash_codes
+from feature_baselines import SHARED
 from seeds import markdown_row
 
 from fdh_jax.data.sources import make_source
-from fdh_jax.evaluation.metrics import mean_average_precision
+from fdh_jax.search.adaptation import descriptor_weight
+from fdh_jax.training.workdir import config_differences
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = [  # the README's real-photo command, less --workdir and --config.data.root
@@ -79,39 +91,56 @@ def _main(*flags: str) -> None:
     subprocess.run(command, cwd=REPO, check=True)
 
 
-def baselines(seen: Path, unseen: Path, bits: list[int], cache_dir: str) -> dict:
-    """mAP x100 of the linear hashes on the unseen species, per method and code length."""
-    args = argparse.Namespace(
-        backbone="mobilenet_v2",
-        weights=str(SHARED / "weights" / "mobilenet_v2_1.0_224_ptq.tflite"),
-        image_size=224,
-        batch=32,
-        cache_dir=cache_dir,
-    )
-    sources = {
-        (name, split): make_source("folder", str(root), split)
-        for name, root in (("seen", seen), ("unseen", unseen))
+def baselines(data: Path, seen: int, bits: list[int], args: argparse.Namespace) -> dict:
+    """mAP x100 of the linear hashes on the unseen species, per fit, feature variant and code
+    length (`feature_baselines.score_variants`), and the cosine mAP of the pooled features. The
+    features are those of the whole dataset (`data`: the cache of feature_baselines.py's run)."""
+    pools, labels, species = {}, {}, {}
+    for split in ("train", "test"):
+        source = make_source("folder", str(data), split)
+        pools[split], labels[split] = fb.cached_pools(source, args), np.asarray(source.labels)
+        species[split] = np.array([Path(path).parent.name for path in source.paths])
+    seen_species = sorted(set(species["train"]))[:seen]
+    part = {
+        (group, split): np.isin(species[split], seen_species) == (group == "seen")
+        for group in ("seen", "unseen")
         for split in ("train", "test")
     }
-    features = {key: cached_features(s, args).astype(np.float64) for key, s in sources.items()}
-    query, query_labels = features["unseen", "test"], sources["unseen", "test"].labels
-    database, database_labels = features["unseen", "train"], sources["unseen", "train"].labels
-    table = {}
+
+    def subset(group: str, split: str):
+        return pools[split][part[group, split]], labels[split][part[group, split]]
+
+    query, query_labels = subset("unseen", "test")
+    database, database_labels = subset("unseen", "train")
     fits = {
-        "LSH centred on the unseen database": ("LSH", "unseen"),
-        "PCA-ITQ fitted on the seen species": ("PCA-ITQ", "seen"),
-        "LDA-ITQ fitted on the seen species": ("LDA-ITQ", "seen"),
-        "PCA-ITQ fitted on the unseen database": ("PCA-ITQ", "unseen"),
+        "LSH centred on the unseen database": ("LSH", *subset("unseen", "train")),
+        "PCA-ITQ fitted on the seen species": ("PCA-ITQ", *subset("seen", "train")),
+        "LDA-ITQ fitted on the seen species": ("LDA-ITQ", *subset("seen", "train")),
+        "PCA-ITQ fitted on the unseen database": ("PCA-ITQ", *subset("unseen", "train")),
     }
-    for label, (method, fitted_on) in fits.items():
-        fit, fit_labels = features[fitted_on, "train"], sources[fitted_on, "train"].labels
-        for k in bits:
-            # hash_codes fits on its first argument and applies the fit to its third.
-            _, unseen_db_codes = hash_codes(method, fit, fit_labels, database, k, seed=0)
-            _, query_codes = hash_codes(method, fit, fit_labels, query, k, seed=0)
-            table[label, k] = 100 * float(
-                mean_average_precision(query_codes, unseen_db_codes, query_labels, database_labels)
+    print(
+        f"\nUnseen species ({len(query)} queries, {len(database)} database images), mAP@all "
+        "x100 of the linear hashes on C5 features of the frozen backbone"
+    )
+    table = fb.score_variants(fits, query, query_labels, database, database_labels, bits, args)
+    fb.print_tables(table, bits, args.flip_average)
+    weight_zero = fb.Variant(mirror=args.flip_average, pooling="mask", l2=True)
+    cells = " | ".join(
+        f"{v:.2f}" for v in table["PCA-ITQ fitted on the unseen database", weight_zero]
+    )
+    name = f"PCA-ITQ fitted on the unseen database, {weight_zero.name}"
+    print(f"| `--adapt` at descriptor weight 0 (= {name}) | {cells} |")
+    print("\nCosine (continuous) mAP@all x100 of the pooled features on the unseen species:")
+    for mirror in (False, True):
+        for pooling in fb.POOLINGS:
+            variant = fb.Variant(mirror, pooling, l2=True)
+            score = fb.cosine_map(
+                fb.variant_features(query, variant),
+                fb.variant_features(database, variant),
+                query_labels,
+                database_labels,
             )
+            print(f"  {variant.name.removesuffix(', L2')}: {100 * score:.2f}")
     return table
 
 
@@ -123,19 +152,87 @@ def _commands(seen: Path, unseen: Path, workdir: Path, seed: int, flags: list[st
     return train, [f"--workdir={workdir}", "--mode=eval", f"--eval_data={unseen}"]
 
 
+IGNORED_FIELDS = {"train.keep_checkpoints", "data.feature_cache"}  # no effect on the model
+PATH_FIELDS = ("data.root", "model.pretrained")  # compared as absolute paths from REPO
+
+
+def _config_dict(train_flags: list[str]) -> dict:
+    """The config that `fdh_jax.main` builds from these flags, parsed the same way."""
+    from absl import flags  # noqa: PLC0415
+    from ml_collections import config_flags  # noqa: PLC0415
+
+    argv = [
+        f"--config={REPO / f[len('--config=') :]}" if f.startswith("--config=") else f
+        for f in train_flags
+        if f.startswith("--config")
+    ]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "", flag_values=values, lock_config=True, sys_argv=["", *argv]
+    )
+    values(["unseen_classes", *argv])
+    return json.loads(values.config.to_json_best_effort())
+
+
+def _normalised(config: dict) -> dict:
+    config = json.loads(json.dumps(config))
+    for field in PATH_FIELDS:
+        group, name = field.split(".")
+        if config.get(group, {}).get(name):
+            config[group][name] = os.path.abspath(os.path.join(REPO, config[group][name]))
+    return config
+
+
+def check_recorded_config(workdir: Path, train_flags: list[str]) -> None:
+    """Stops (one line) unless `workdir`'s recorded training config is the one `train_flags`
+    would train: a finished run of another config must not be reused."""
+    recorded = json.loads((workdir / "config.json").read_text())
+    wanted = _config_dict(train_flags)
+    differ = [
+        field
+        for field in config_differences(_normalised(recorded), _normalised(wanted))
+        if field not in IGNORED_FIELDS
+    ]
+    if differ:
+        raise SystemExit(
+            f"{workdir} holds a run of another config (fields {', '.join(differ)} differ): "
+            "remove it or use another --out"
+        )
+
+
+def _stale_evaluation(path: Path, checkpoint_step: int, unseen: Path, weight=None) -> str | None:
+    """Why the evaluation results at `path` do not belong to this model and folder (or None)."""
+    if not path.is_file():
+        return "missing"
+    results = json.loads(path.read_text())
+    if results.get("checkpoint_step") != checkpoint_step:
+        return f"of step {results.get('checkpoint_step')}, not {checkpoint_step}"
+    if results.get("eval_data") != str(unseen.resolve()):
+        return f"of {results.get('eval_data')}, not {unseen.resolve()}"
+    if weight is not None and not str(results.get("codes", "")).endswith(f"weight {weight}"):
+        return f"not of descriptor weight {weight} ({results.get('codes')})"
+    return None
+
+
 def _train_and_score(seen: Path, unseen: Path, workdir: Path, seed: int, flags: list[str]):
-    """Trains one seed on the seen species (unless done) and scores it on the unseen ones;
-    returns `(seen results, unseen results, unseen results with --adapt)` as read from the
-    results.json files."""
+    """Trains one seed on the seen species (unless done with this config) and scores it on the
+    unseen ones; returns `(seen results, unseen results, unseen results with --adapt)` as read
+    from the results.json files."""
     unseen_file = workdir / "eval" / "unseen" / "results.json"
     adapted_file = workdir / "eval" / "unseen_adapted" / "results.json"
     train, evaluate = _commands(seen, unseen, workdir, seed, flags)
-    if not (workdir / "results.json").is_file():
+    if (workdir / "results.json").is_file():
+        check_recorded_config(workdir, train)
+    else:
         _main(*train)
-    if not unseen_file.is_file():
-        _main(*evaluate)
-    if not adapted_file.is_file():
-        _main(*evaluate, "--adapt")
+    step = json.loads((workdir / "results.json").read_text())["steps"]
+    weight = descriptor_weight(json.loads((workdir / "config.json").read_text()))
+    for path, extra, stale_weight in ((unseen_file, [], None), (adapted_file, ["--adapt"], weight)):
+        stale = _stale_evaluation(path, step, unseen, stale_weight)
+        if stale:
+            if stale != "missing":
+                print(f"{path}: results {stale}; evaluating again", flush=True)
+            _main(*evaluate, *extra)
     return tuple(
         json.loads(path.read_text())
         for path in (workdir / "results.json", unseen_file, adapted_file)
@@ -148,7 +245,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "cub100_by_species"))
     parser.add_argument("--seen", type=int, default=50, help="species used for training")
     parser.add_argument("--run", action="store_true", help="train, evaluate and run baselines")
+    parser.add_argument("--baselines", action="store_true", help="run the baselines only")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    parser.add_argument("--bits", default="12,24,32,48", help="code lengths of the baselines")
     parser.add_argument(
         "--cache_dir", default=str(Path(tempfile.gettempdir()) / "fdh_feature_cache")
     )
@@ -163,30 +262,39 @@ def main() -> None:
         parser.error("--seeds names no seed")
     out = Path(args.out)
     seen, unseen = split_by_species(Path(args.data), out, args.seen)
-    if not args.run:
+    if not (args.run or args.baselines):
         for seed in seeds:
             for command in _commands(seen, unseen, out / f"workdir_seed{seed}", seed, flags):
                 print("python -m fdh_jax.main " + " ".join(command))
         return
     start = time.perf_counter()
-    runs = [_train_and_score(seen, unseen, out / f"workdir_seed{s}", s, flags) for s in seeds]
-    unseen_results = runs[0][1]
-    bits = [str(k) for k in unseen_results["bits"]]
-    table = baselines(seen, unseen, [int(k) for k in bits], args.cache_dir)
-    print(
-        f"\nUnseen species ({unseen_results['num_query']} queries, "
-        f"{unseen_results['num_database']} database images), mAP@all x100"
+    runs = []
+    if args.run:
+        runs = [_train_and_score(seen, unseen, out / f"workdir_seed{s}", s, flags) for s in seeds]
+    bits = [str(k) for k in runs[0][1]["bits"]] if runs else args.bits.split(",")
+    # The baselines see the features the model's config evaluates with (views, mask, size).
+    model_config = _config_dict([*RECIPE, *flags])
+    features = argparse.Namespace(
+        backbone=model_config["model"]["backbone"],
+        weights=model_config["model"]["pretrained"],
+        image_size=int(model_config["data"]["image_size"]),
+        eval_resize=int(model_config["data"]["eval_resize"]),
+        mask_temperature=float(model_config["model"]["mask_temperature"]),
+        flip_average=bool(model_config["model"]["flip_average"]),
+        batch=32,
+        seed=0,
+        tie_break="index",
+        cache_dir=args.cache_dir,
     )
-    print("| method | " + " | ".join(f"{k} bits" for k in bits) + " |")
-    print("|---|" + "---|" * len(bits))
-    for label in dict.fromkeys(key for key, _ in table):
-        print(f"| {label} | " + " | ".join(f"{table[label, int(k)]:.2f}" for k in bits) + " |")
-    name = f"FDH-MFE trained on the seen species, seeds {args.seeds}"
-    print(markdown_row(name, [r["mAP"] for _, r, _ in runs], bits))
-    adapted = f"FDH-MFE, codes fitted to the unseen database (--adapt), seeds {args.seeds}"
-    print(markdown_row(adapted, [r["mAP"] for _, _, r in runs], bits))
-    seen_name = "(the same models on the seen species' queries)"
-    print(markdown_row(seen_name, [r["mAP"] for r, _, _ in runs], bits))
+    baselines(Path(args.data), args.seen, [int(k) for k in bits], features)
+    if runs:
+        print(f"\nThe models, mAP@all x100 ({runs[0][1]['num_query']} unseen queries)")
+        name = f"FDH-MFE trained on the seen species, the hash heads' codes, seeds {args.seeds}"
+        print(markdown_row(name, [r["mAP"] for _, r, _ in runs], bits))
+        adapted = f"FDH-MFE, codes fitted to the unseen database (--adapt), seeds {args.seeds}"
+        print(markdown_row(adapted, [r["mAP"] for _, _, r in runs], bits))
+        seen_name = "(the same models on the seen species' queries)"
+        print(markdown_row(seen_name, [r["mAP"] for r, _, _ in runs], bits))
     print(f"total {time.perf_counter() - start:.0f} s")
 
 
