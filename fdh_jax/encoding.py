@@ -38,7 +38,7 @@ IN_FLIGHT = 2  # batches of `map_source` computing at once
 
 
 @functools.lru_cache(maxsize=4)
-def encoder(model, mesh):
+def _encoder(model, mesh):
     """`encode` jitted over `mesh`; cached so both splits of an evaluation share one compile."""
     return jax.jit(
         functools.partial(encode, model),
@@ -141,7 +141,7 @@ def encode_source(
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Codes of every item of `source`, in dataset order, on every process (see `map_source`;
     every item is checked to appear exactly once). Returns `({"K": int8 [N, K]}, labels [N])`."""
-    codes = _in_dataset_order(encoder(model, mesh), variables, source, config, mesh)
+    codes = _in_dataset_order(_encoder(model, mesh), variables, source, config, mesh)
     return codes, np.asarray(source.labels, np.int32)
 
 

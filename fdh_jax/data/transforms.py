@@ -68,6 +68,11 @@ def train_transform(
 
 def eval_transform(image: np.ndarray, size: int, resize: int) -> np.ndarray:
     """Resize the shorter side to `resize`, centre-crop `size`, normalise -> float32."""
+    return normalize(eval_crop(image, size, resize))
+
+
+def eval_crop(image: np.ndarray, size: int, resize: int) -> np.ndarray:
+    """`eval_transform` before the normalisation: uint8 `[size, size, 3]`."""
     height, width = image.shape[:2]
     if (height, width) != (size, size):
         factor = resize / min(height, width)
@@ -75,9 +80,15 @@ def eval_transform(image: np.ndarray, size: int, resize: int) -> np.ndarray:
         image = _resize(image, (0, 0, width, height), (new_w, new_h))
         top, left = (new_h - size) // 2, (new_w - size) // 2
         image = image[top : top + size, left : left + size]
-    return normalize(image)
+    return image
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
     """uint8 `[..., 3]` -> float32 ImageNet-normalised."""
     return (image.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+
+
+# `normalize` of every uint8 value in every channel: `NORMALIZED[v, c]`. A lookup in it gives
+# `normalize`'s float32 values bit for bit inside a compiled program (the same arithmetic
+# compiled by XLA may round differently).
+NORMALIZED = normalize(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1))

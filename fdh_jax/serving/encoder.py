@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from fdh_jax.data.decode import decode_image
-from fdh_jax.data.transforms import eval_transform
+from fdh_jax.data.transforms import eval_crop
 from fdh_jax.search import adaptation
 from fdh_jax.search.adaptation import CollectionHash
 from fdh_jax.search.hash_index import HashIndex
@@ -142,16 +142,17 @@ class Encoder:
         raise NotImplementedError
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
-        """The evaluation transform of one uint8 `[H, W, 3]` photo (resize, centre crop,
-        normalise): the float32 `[S, S, 3]` input `encode_prepared` takes."""
+        """The evaluation transform of one uint8 `[H, W, 3]` photo up to its normalisation
+        (resize, centre crop): the uint8 `[S, S, 3]` pixels `encode_prepared` takes."""
         size = int(self.preprocessing["image_size"])
-        return eval_transform(image, size, int(self.preprocessing["eval_resize"]))
+        return eval_crop(image, size, int(self.preprocessing["eval_resize"]))
 
     def encode_prepared(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Codes of a batch of `prepare`d photos (float32 `[B, S, S, 3]`) in one call of the
+        """Codes of a batch of `prepare`d photos (uint8 `[B, S, S, 3]`) in one call of the
         model, with no input pipeline around it: `{"K": int8 [B, K]}`, the codes
-        `encode_images` gives the same photos. Each batch size compiles once: a server keeps to
-        a few sizes (`fdh_jax.serving.service.EncodeBatcher`)."""
+        `encode_images` gives the same photos (the normalisation is `normalize`'s values, looked
+        up: `fdh_jax.data.transforms.NORMALIZED`). Each batch size compiles once: a server
+        keeps to a few sizes (`fdh_jax.serving.service.EncodeBatcher`)."""
         raise NotImplementedError
 
     def on_local_devices(self) -> Encoder:

@@ -19,6 +19,7 @@ import numpy as np
 from jax import export
 
 from fdh_jax.common.checksums import file_sha256, unflatten_variables, variables_fingerprint
+from fdh_jax.data.transforms import normalize
 from fdh_jax.serving.encoder import Encoder
 from fdh_jax.training.workdir import FORMAT_VERSION, ModelFileError, read_json_object
 
@@ -70,7 +71,7 @@ class ExportedEncoder(Encoder):
         workdir's model does, `fdh_jax.parallel.map_in_chunks_on_cpu`); XLA:CPU runs the
         network faster over a few photos, whose activations stay in cache, than over many, and
         runs two calls at once faster than one after the other."""
-        batch = np.asarray(batch, np.float32)
+        batch = normalize(np.asarray(batch, np.uint8))
         step = CPU_CALL if jax.default_backend() == "cpu" else max(len(batch), 1)
         calls = [batch[i : i + step] for i in range(0, len(batch), step)]
         outputs = list(self._calls.map(self._call, calls))

@@ -185,7 +185,7 @@ class EncodeBatcher:
     def warm_up(self) -> None:
         """Compiles the encoder for every batch size `batch_size` can pick (once, at start)."""
         size = int(self.encoder.preprocessing["image_size"])
-        prepared = np.zeros((size, size, 3), np.float32)
+        prepared = np.zeros((size, size, 3), np.uint8)
         for count in sorted({self.batch_size(n) for n in range(1, self.max_batch + 1)}):
             self._encode([prepared] * count)
 

@@ -10,6 +10,7 @@ workdir's record describes (`fdh_jax.training.workdir`).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 
 from fdh_jax import encoding, parallel
 from fdh_jax.common.checksums import variables_fingerprint
+from fdh_jax.data.transforms import NORMALIZED
 from fdh_jax.models.fdh import build_model
 from fdh_jax.search import adaptation
 from fdh_jax.serving.encoder import Encoder
@@ -45,12 +47,12 @@ class WorkdirEncoder(Encoder):
         return codes
 
     def encode_prepared(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """One call of the jitted encoder over the mesh (`fdh_jax.encoding.encode`), the batch
-        padded to a multiple of the mesh's devices (single process)."""
+        """One call of the jitted encoder over the mesh, normalisation included (XLA computes
+        it off the GIL), the batch padded to a multiple of the mesh's devices (one process)."""
         count, devices = len(batch), self.mesh.devices.size
         padded = np.concatenate([batch, np.repeat(batch[:1], (-count) % devices, axis=0)])
-        inputs = jax.device_put(padded, parallel.batch_sharding(self.mesh))
-        codes = encoding.encoder(self.model, self.mesh)(self.variables, inputs)
+        inputs = jax.device_put(np.asarray(padded, np.uint8), parallel.batch_sharding(self.mesh))
+        codes = _pixel_encoder(self.model, self.mesh)(self.variables, inputs)
         return {k: np.asarray(v)[:count] for k, v in codes.items()}
 
     def _config_for(self, batch_size: int | None) -> Any:
@@ -84,6 +86,18 @@ class WorkdirEncoder(Encoder):
             self.model, self.variables, source, self.config, self.mesh
         )
         return adaptation.transfer_features(*outputs, descriptor_weight)
+
+
+@functools.lru_cache(maxsize=4)
+def _pixel_encoder(model, mesh):
+    """`fdh_jax.encoding.encode` of uint8 pixels, normalised by lookup in `NORMALIZED` (the
+    values of `normalize` bit for bit), jitted over `mesh`."""
+
+    def encode(variables, pixels):
+        images = jnp.asarray(NORMALIZED)[pixels.astype(jnp.int32), jnp.arange(3)]
+        return encoding.encode(model, variables, images)
+
+    return jax.jit(encode, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)))
 
 
 def _encoding_mesh(batch_size: int, devices: list | None = None):
