@@ -10,6 +10,7 @@ batch and `jax.make_array_from_process_local_data` assembles the global array.
 import math
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -100,14 +101,17 @@ def map_in_chunks_on_cpu(fn: Callable, inputs, chunk: int = CPU_CHUNK):
     chunks are a `lax.map` chosen when lowering for CPU (`lax.platform_dependent`); other
     platforms run `fn(inputs)` as one batch. `fn` must not mix examples (eval-mode BatchNorm),
     and map a pytree of `[B, ...]` arrays to one. A batch size unknown when tracing (a symbolic
-    export dimension) runs as one batch.
+    export dimension) is computed in chunks when it is a known multiple of `chunk` (`4 * b`),
+    else as one batch.
     """
     batch = jax.tree.leaves(inputs)[0].shape[0]
     if not isinstance(batch, int):
-        return fn(inputs)
-    chunk = math.gcd(batch, chunk)
-    if chunk in (1, batch):
-        return fn(inputs)
+        if not _symbolic_multiple(batch, chunk):
+            return fn(inputs)
+    else:
+        chunk = math.gcd(batch, chunk)
+        if chunk in (1, batch):
+            return fn(inputs)
 
     def chunked(values):
         split = jax.tree.map(lambda a: a.reshape(batch // chunk, chunk, *a.shape[1:]), values)
@@ -115,3 +119,11 @@ def map_in_chunks_on_cpu(fn: Callable, inputs, chunk: int = CPU_CHUNK):
         return jax.tree.map(lambda a: a.reshape(batch, *a.shape[2:]), out)
 
     return jax.lax.platform_dependent(inputs, cpu=chunked, default=fn)
+
+
+def _symbolic_multiple(size: Any, factor: int) -> bool:
+    """Whether a symbolic dimension is always a multiple of `factor` (e.g. `4 * b` of 4)."""
+    try:
+        return bool(size % factor == 0)
+    except Exception:  # noqa: BLE001 (a remainder shape polymorphism cannot decide)
+        return False

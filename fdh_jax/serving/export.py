@@ -25,7 +25,9 @@ from jax import export
 from fdh_jax.common.atomic_files import replace_directory
 from fdh_jax.common.checksums import file_sha256, flatten_variables
 from fdh_jax.encoding import encode
+from fdh_jax.parallel import CPU_CHUNK
 from fdh_jax.serving.exported_encoder import (
+    EXPORT_CHUNKED_PROGRAM,
     EXPORT_FILE,
     EXPORT_PROGRAM,
     EXPORT_VARIABLES,
@@ -74,9 +76,14 @@ def export_encoder(
     size = encoder.preprocessing["image_size"]
     variable_specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
     image_spec = jax.ShapeDtypeStruct(export.symbolic_shape(f"b, {size}, {size}, 3"), jnp.float32)
-    exported, platforms = _lower_for_platforms(
-        jax.jit(functools.partial(encode, encoder.model)), variable_specs, image_spec
+    encode_fn = jax.jit(functools.partial(encode, encoder.model))
+    exported, platforms = _lower_for_platforms(encode_fn, variable_specs, image_spec)
+    # The same program for batches of a multiple of CPU_CHUNK images, which XLA:CPU computes in
+    # chunks (`parallel.map_in_chunks_on_cpu`): the loader's fast path on CPU.
+    chunked_spec = jax.ShapeDtypeStruct(
+        export.symbolic_shape(f"{CPU_CHUNK}*b, {size}, {size}, 3"), jnp.float32
     )
+    chunked = export.export(encode_fn, platforms=platforms)(variable_specs, chunked_spec)
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.tmp-", dir=export_dir.parent))
     umask = os.umask(0)
@@ -84,6 +91,7 @@ def export_encoder(
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary directory
     try:
         (staging / EXPORT_PROGRAM).write_bytes(exported.serialize())
+        (staging / EXPORT_CHUNKED_PROGRAM).write_bytes(chunked.serialize())
         np.savez(staging / EXPORT_VARIABLES, **flatten_variables(variables))
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -91,6 +99,8 @@ def export_encoder(
             "input": f"float32 [b, {size}, {size}, 3]: the evaluation transform, then ImageNet "
             "normalisation; b is symbolic",
             "output": {str(k): f"int8 [b, {k}] in {{-1, +1}}" for k in encoder.bits},
+            "chunked_program": f"{EXPORT_CHUNKED_PROGRAM}: the same for b a multiple of "
+            f"{CPU_CHUNK}, computed {CPU_CHUNK} images at a time on CPU (faster there)",
             "platforms": list(platforms),
             "batch_size": encoder.batch_size,
             "step": encoder.step,
@@ -99,7 +109,8 @@ def export_encoder(
             "training_config": encoder.training_config,
             "source_workdir": str(Path(workdir).absolute()),
             "sha256": {
-                name: file_sha256(staging / name) for name in (EXPORT_PROGRAM, EXPORT_VARIABLES)
+                name: file_sha256(staging / name)
+                for name in (EXPORT_PROGRAM, EXPORT_CHUNKED_PROGRAM, EXPORT_VARIABLES)
             },
         }
         (staging / EXPORT_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
