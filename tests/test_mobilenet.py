@@ -70,7 +70,7 @@ def test_eval_mode_with_folded_batch_norm_matches_the_layers():
     affine parameters away from their initial values so that every fold does something."""
     images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
     model = MobileNetV2(num_classes=7)
-    variables = model.init(jax.random.key(1), images)
+    variables = jax.jit(model.init)(jax.random.key(1), images)
     leaves, treedef = jax.tree.flatten(variables)
     keys = jax.random.split(jax.random.key(2), len(leaves))
     moved = [
@@ -80,8 +80,8 @@ def test_eval_mode_with_folded_batch_norm_matches_the_layers():
     ]
     variables = jax.tree.unflatten(treedef, moved)
     variables["batch_stats"] = jax.tree.map(jnp.abs, variables["batch_stats"])
-    folded = model.apply(variables, images)
-    layers = MobileNetV2(num_classes=7, fold_batch_norm=False).apply(variables, images)
+    folded = jax.jit(model.apply)(variables, images)
+    layers = jax.jit(MobileNetV2(num_classes=7, fold_batch_norm=False).apply)(variables, images)
     assert set(folded) == set(layers) == {"C2", "C3", "C4", "C5", "logits"}
     for name, expected in layers.items():
         assert float(jnp.std(expected)) > 1e-3, name  # not saturated: the check means something
