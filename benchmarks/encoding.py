@@ -108,12 +108,16 @@ def without_flip_average(workdir_encoder, export_dir: Path):
     variables = jax.device_get(workdir_encoder.variables)
     size = workdir_encoder.preprocessing["image_size"]
     specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
-    images = jax.ShapeDtypeStruct(export.symbolic_shape(f"b, {size}, {size}, 3"), jnp.float32)
-    program = export.export(jax.jit(functools.partial(encoding.encode, model)), platforms=("cpu",))(
-        specs, images
-    )
+    encode = jax.jit(functools.partial(encoding.encode, model))
+    programs = [  # any batch, and a multiple of 4 (as `export_encoder` writes them)
+        export.export(encode, platforms=("cpu",))(
+            specs,
+            jax.ShapeDtypeStruct(export.symbolic_shape(f"{b}, {size}, {size}, 3"), jnp.float32),
+        )
+        for b in ("b", f"{parallel.CPU_CHUNK}*b")
+    ]
     manifest = json.loads((export_dir / EXPORT_FILE).read_text()) | {"platforms": ["cpu"]}
-    return workdir_encoder, ExportedEncoder(manifest, program, variables)
+    return workdir_encoder, ExportedEncoder(manifest, programs[0], variables, programs[1])
 
 
 def main() -> None:
