@@ -6,7 +6,8 @@ Prints, per image (batches of `--batch`, each op jitted alone at MobileNetV2's s
 the 1x1 convs as matrix products (with their achieved GFLOP/s), the depthwise convs (shifted
 multiply-adds, `depthwise_conv_shifted`) and the stem; then the whole backbone's images/s in
 eval mode with each BatchNorm folded into its conv (`fold_batch_norm=True`, the default) and
-layer by layer (`False`), at chunks of 1, 4 and 8 images per call. Run `XLA_FLAGS=...` in front
+layer by layer (`False`), at chunks of 1, 4 and 8 images per call; and the rate of float32,
+bfloat16 and int8 matrix products at 1x1-conv shapes. Run `XLA_FLAGS=...` in front
 to try XLA:CPU's library fusion flags. Check the load (printed) first.
 """
 
@@ -91,6 +92,31 @@ def backbone_report(repeats: int) -> None:
         )
 
 
+def dtype_report(repeats: int) -> None:
+    """GFLOP/s (GOP/s) of float32, bfloat16 and int8 matrix products at 1x1-conv shapes of
+    8 images at 56 px: what a lower-precision backbone would have to gain from."""
+    rows = 8 * 56 * 56
+    for inner, outer in ((24, 144), (144, 24), (576, 96), (320, 1280)):
+        rates = []
+        for dtype, accumulate in (
+            (jnp.float32, jnp.float32),
+            (jnp.bfloat16, jnp.float32),
+            (jnp.int8, jnp.int32),
+        ):
+            seconds = timed(
+                lambda a, b, d=dtype, acc=accumulate: jax.lax.dot(
+                    a.astype(d), b.astype(d), preferred_element_type=acc
+                ),
+                [(rows, inner), (inner, outer)],
+                repeats,
+            )
+            rates.append(2 * rows * inner * outer / seconds / 1e9)
+        print(
+            f"[{rows}, {inner}] x [{inner}, {outer}]: float32 {rates[0]:.0f}, bfloat16 "
+            f"{rates[1]:.0f}, int8 {rates[2]:.0f} G(FL)OP/s (casts included)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=8)
@@ -103,6 +129,7 @@ def main() -> None:
     )
     layer_report(args.batch, args.repeats)
     backbone_report(args.repeats)
+    dtype_report(args.repeats)
 
 
 if __name__ == "__main__":
