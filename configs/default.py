@@ -58,6 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.gnn_heads = 4  # attention heads per layer (node_dim must divide by it)
     model.use_classifier = True  # auxiliary classification head on the descriptor
     model.flip_average = False  # encode each image with its mirror image (evaluation, serving)
+    model.pooled_to_heads = False  # hash heads see the pooled C5 beside the descriptor
     model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
 
     # ---------------------------------------------------------------- losses
@@ -75,6 +76,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     loss.quantization_weight = 0.1  # w_q: mean((|h| - 1)^2)
     loss.classification_weight = 0.5  # w_cls (used when model.use_classifier)
     loss.label_smoothing = 0.1  # classification label smoothing
+    # w_nb: codes keep the neighbourhoods of the backbone's pooled C5 (0 = off; training/losses.py)
+    loss.neighbourhood_weight = 0.0
+    loss.neighbourhood_temperature = 0.1  # T of both neighbourhood distributions
+    loss.neighbourhood_pairs = "all"  # all | other_classes: neighbours among other classes only
 
     # ---------------------------------------------------------------- training
     config.train = train = ml_collections.ConfigDict()

@@ -22,6 +22,50 @@ def test_hash_heads_read_the_l2_normalised_descriptor():
         np.testing.assert_allclose(outputs["hash"][k], expected, rtol=1e-5, atol=1e-6)
 
 
+def _unit(x):
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_pooled_to_heads_feeds_the_unit_pooled_c5_beside_the_descriptor():
+    model = tiny_model(pooled_to_heads=True)
+    images = random_images()
+    variables = model.init(jax.random.key(0), images)
+    outputs = model.apply(variables, images)
+    head_input = np.concatenate([_unit(outputs["descriptor"]), _unit(outputs["pooled"])], 1)
+    for k in ("6", "10"):
+        head = variables["params"][f"hash_{k}"]
+        expected = np.tanh(head_input @ np.asarray(head["kernel"]) + np.asarray(head["bias"]))
+        np.testing.assert_allclose(outputs["hash"][k], expected, rtol=1e-5, atol=1e-6)
+    # In training the background codes read C5 pooled over the background, 1 - mask.
+    frozen = tiny_model(freeze_backbone=True, pooled_to_heads=True)
+    backbone = get_backbone("resnet_narrow", width=8)
+    stage_maps = backbone.apply(
+        {
+            "params": variables["params"]["backbone"],
+            "batch_stats": variables["batch_stats"]["backbone"],
+        },
+        images,
+        False,
+    )
+    trained, state = frozen.apply(
+        variables,
+        stage_maps,
+        train=True,
+        mutable=["batch_stats", "intermediates"],
+        capture_intermediates=lambda module, _: module.name == "mfe",
+    )
+    ((_, background),) = state["intermediates"]["mfe"]["__call__"]
+    weights = 1.0 - np.asarray(trained["mask"], np.float64)
+    c5 = np.asarray(stage_maps["C5"], np.float64)
+    pooled_background = np.sum(c5 * weights, axis=(1, 2)) / np.sum(weights, axis=(1, 2))
+    background_input = np.concatenate([_unit(background), _unit(pooled_background)], 1)
+    for k in ("6", "10"):
+        head = variables["params"][f"hash_{k}"]
+        expected = np.tanh(background_input @ np.asarray(head["kernel"]) + np.asarray(head["bias"]))
+        np.testing.assert_allclose(trained["hash_background"][k], expected, rtol=1e-5, atol=1e-6)
+
+
 def test_precomputed_stage_maps_give_the_same_outputs_and_gradients():
     model = tiny_model(freeze_backbone=True)
     images = random_images(1)

@@ -118,6 +118,64 @@ def test_classification_loss_matches_numpy():
     np.testing.assert_allclose(got, np.mean(expected), rtol=1e-5)
 
 
+def _neighbourhood_numpy(h, teacher, temperature, labels=None):
+    """Row by row: KL(p_i || q_i) over j != i (of another class when `labels` is given), p from
+    centred teacher cosines, q from codes; rows with no candidate left out."""
+    t = teacher.astype(np.float64) - teacher.mean(axis=0)
+    t = t / np.sqrt(np.sum(t * t, axis=1, keepdims=True) + 1e-8)
+    c = h.astype(np.float64) / np.sqrt(np.sum(h * h, axis=1, keepdims=True) + 1e-8)
+    total, rows = 0.0, 0
+    for i in range(len(h)):
+        others = [j for j in range(len(h)) if j != i and (labels is None or labels[j] != labels[i])]
+        if not others:
+            continue
+        rows += 1
+        log_p = _log_softmax(np.array([t[i] @ t[j] for j in others]) / temperature)
+        log_q = _log_softmax(np.array([c[i] @ c[j] for j in others]) / temperature)
+        total += np.sum(np.exp(log_p) * (log_p - log_q))
+    return total / max(rows, 1)
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_neighbourhood_loss_matches_numpy(batch, temperature):
+    h = batch[0]
+    teacher = np.abs(np.random.default_rng(3).normal(size=(8, 5))).astype(np.float32)
+    got = losses.neighbourhood_loss(h, teacher, temperature=temperature)
+    np.testing.assert_allclose(got, _neighbourhood_numpy(h, teacher, temperature), rtol=1e-4)
+    labels = batch[2]
+    got = losses.neighbourhood_loss(h, teacher, labels, temperature=temperature)
+    expected = _neighbourhood_numpy(h, teacher, temperature, labels)
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+
+
+def test_neighbourhood_loss_among_other_classes_by_hand():
+    # Two classes of two images: each row has two candidates, the other class's images.
+    teacher = np.array([[1, 0], [0.8, 0.6], [0, 1], [-0.6, 0.8]], np.float32) + 1.0
+    h = np.array([[1, 0], [0, 1], [1, 1], [-1, 1]], np.float32)
+    labels = np.array([0, 0, 1, 1])
+    t = teacher - teacher.mean(axis=0)
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    c = h / np.linalg.norm(h, axis=1, keepdims=True)
+    expected = 0.0
+    for i, (a, b) in enumerate([(2, 3), (2, 3), (0, 1), (0, 1)]):
+        p = np.exp(10 * np.array([t[i] @ t[a], t[i] @ t[b]]))
+        q = np.exp(10 * np.array([c[i] @ c[a], c[i] @ c[b]]))
+        p, q = p / p.sum(), q / q.sum()
+        expected += np.sum(p * np.log(p / q)) / 4
+    got = losses.neighbourhood_loss(h, teacher, labels, temperature=0.1)
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    one_class = np.zeros(4, np.int32)  # no pair of different classes: nothing to keep
+    assert float(losses.neighbourhood_loss(h, teacher, one_class)) == 0.0
+
+
+def test_neighbourhood_loss_is_zero_when_codes_share_the_teachers_geometry():
+    teacher = np.random.default_rng(4).normal(size=(6, 4)).astype(np.float32)
+    centred = teacher - teacher.mean(axis=0)
+    assert abs(float(losses.neighbourhood_loss(centred, teacher))) < 1e-5
+    # The same codes given to the wrong images (rows shifted by one) pay for it.
+    assert float(losses.neighbourhood_loss(np.roll(centred, 1, axis=0), teacher)) > 0.5
+
+
 def test_total_loss_switches(tiny):
     rng = np.random.default_rng(2)
     outputs = {
@@ -137,6 +195,12 @@ def test_total_loss_switches(tiny):
         "classification",
     } == set(parts)
     np.testing.assert_allclose(loss, sum(float(v) for v in parts.values()), rtol=1e-6)
+    outputs["pooled"] = np.abs(rng.normal(size=(4, 3))).astype(np.float32)
+    tiny.loss.neighbourhood_weight = 0.5
+    loss, parts = losses.total_loss(outputs, labels, tiny.loss)
+    expected = losses.neighbourhood_loss(outputs["hash"]["8"], outputs["pooled"])
+    np.testing.assert_allclose(parts["neighbourhood_8"], 0.5 * float(expected), rtol=1e-6)
+    tiny.loss.neighbourhood_weight = 0.0
     tiny.loss.use_triplet = False
     tiny.loss.use_proxy = False
     _, parts = losses.total_loss(outputs, labels, tiny.loss)

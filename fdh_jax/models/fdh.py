@@ -63,6 +63,7 @@ class FDHMFE(nn.Module):
     freeze_backbone: bool = False  # backbone BatchNorm keeps its (pretrained) statistics
     proxy_seed: int = 0
     flip_average: bool = False
+    pooled_to_heads: bool = False
     dtype: jnp.dtype = jnp.float32
 
     def __call__(self, images: jnp.ndarray | dict, train: bool = False) -> dict:
@@ -138,14 +139,22 @@ class FDHMFE(nn.Module):
         )(stage_maps, mask, train, background=train)
         outputs["descriptor"] = descriptor.astype(jnp.float32)
 
+        head_input = _unit(descriptor)
+        if self.pooled_to_heads:  # the heads also see the (parameter-free) pooled C5
+            head_input = jnp.concatenate([head_input, _unit(outputs["pooled"])], axis=-1)
         heads = {k: nn.Dense(k, dtype=self.dtype, name=f"hash_{k}") for k in self.bits}
         outputs["hash"] = {
-            str(k): jnp.tanh(head(_unit(descriptor)).astype(jnp.float32))
-            for k, head in heads.items()
+            str(k): jnp.tanh(head(head_input).astype(jnp.float32)) for k, head in heads.items()
         }
         if background is not None:
+            background_input = _unit(background)
+            if self.pooled_to_heads:  # C5 pooled over the background: 1 - mask
+                pooled_background = _foreground_pooled(stage_maps["C5"], 1.0 - mask)
+                background_input = jnp.concatenate(
+                    [background_input, _unit(pooled_background)], axis=-1
+                )
             outputs["hash_background"] = {
-                str(k): jnp.tanh(head(_unit(background)).astype(jnp.float32))
+                str(k): jnp.tanh(head(background_input).astype(jnp.float32))
                 for k, head in heads.items()
             }
         if self.use_classifier:
@@ -214,5 +223,6 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> FDHMFE:
         proxy_seed=config.seed,
         # Absent from the records of runs made before it existed: those encode without it.
         flip_average=bool(model.get("flip_average", False)),
+        pooled_to_heads=bool(model.get("pooled_to_heads", False)),
         dtype=jnp.bfloat16 if model.dtype == "bfloat16" else jnp.float32,
     )

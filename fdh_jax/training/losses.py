@@ -1,8 +1,8 @@
 """The FDH-MFE losses, each a pure function of arrays (docs/design.md, "Losses").
 
-Per code length `K`: proxy loss + bit balance + quantisation + background-aware triplet loss;
-once: classification and proxy uniformity. `total_loss` combines them as configured and returns
-the parts for logging.
+Per code length `K`: proxy loss + bit balance + quantisation + background-aware triplet loss
+(+ optionally the neighbourhood term); once: classification and proxy uniformity. `total_loss`
+combines them as configured and returns the parts for logging.
 """
 
 import jax
@@ -116,6 +116,49 @@ def triplet_loss(
     return loss
 
 
+def neighbourhood_loss(
+    hash_values: jnp.ndarray,
+    teacher: jnp.ndarray,
+    labels: jnp.ndarray | None = None,
+    *,
+    temperature: float = 0.1,
+) -> jnp.ndarray:
+    """KL divergence from the teacher's neighbourhoods to the codes', over the batch.
+
+    Each row `i` gets two distributions over the other batch items `j != i`:
+    `p_ij = softmax_j(cos(t_i, t_j) / T)` from the teacher features, centred on the batch mean
+    (the backbone's pooled C5 is non-negative, so uncentred cosines all sit near 1), and
+    `q_ij = softmax_j(cos(h_i, h_j) / T)` from the continuous codes. The loss is
+    `mean_i KL(p_i || q_i)`: it keeps which images are near which, also across classes and
+    within one, the part of the geometry that carries over to classes never trained on. No
+    gradient reaches the teacher. With `labels`, `j` runs over the images of the *other*
+    classes only: the codes keep which classes look alike, and the supervised terms alone
+    decide how close an image is to its own class.
+
+    Args:
+      hash_values: `[B, K]` continuous codes.
+      teacher: `[B, D]` features whose neighbourhoods the codes should keep (B >= 2).
+      labels: `[B]` int classes, or None (every other image is a neighbour candidate). Rows
+        without an image of another class are left out of the mean.
+      temperature: `T`, of both distributions.
+    """
+    teacher = jax.lax.stop_gradient(teacher.astype(jnp.float32))
+    t = l2_normalize(teacher - jnp.mean(teacher, axis=0, keepdims=True), _EPS)
+    h = l2_normalize(hash_values, _EPS)
+    others = ~jnp.eye(h.shape[0], dtype=bool)
+    if labels is not None:
+        others = labels[:, None] != labels[None]
+    rows = jnp.any(others, axis=1)
+
+    def log_softmax(cosine):
+        logits = jnp.where(others, cosine / temperature, -jnp.inf)
+        return jax.nn.log_softmax(jnp.where(rows[:, None], logits, 0.0), axis=1)
+
+    log_p, log_q = log_softmax(t @ t.T), log_softmax(h @ h.T)
+    kl = jnp.sum(jnp.where(others, jnp.exp(log_p) * (log_p - log_q), 0.0), axis=1)
+    return jnp.sum(kl) / jnp.maximum(jnp.sum(rows), 1)
+
+
 def classification_loss(logits: jnp.ndarray, labels: jnp.ndarray, *, smoothing: float = 0.1):
     """Label-smoothed softmax cross-entropy, `logits: [B, C]`, `labels: [B]`."""
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
@@ -125,7 +168,9 @@ def classification_loss(logits: jnp.ndarray, labels: jnp.ndarray, *, smoothing: 
 def total_loss(
     outputs: dict, labels: jnp.ndarray, config: ml_collections.ConfigDict
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-    """`L = sum_K [L_proxy + w_tri L_tri + w_q L_q + w_bal L_bal] + w_cls L_cls + w_uni L_uni`.
+    """`L = sum_K [L_proxy + w_tri L_tri + w_q L_q + w_bal L_bal + w_nb L_nb] + w_cls L_cls
+    + w_uni L_uni`; `L_nb` (`neighbourhood_loss`, teacher: the mask-pooled C5 in `outputs`)
+    only when `neighbourhood_weight > 0`.
 
     Args:
       outputs: the dict returned by `FDHMFE.__call__`.
@@ -155,6 +200,14 @@ def total_loss(
             )
         parts[f"quantization_{k}"] = config.quantization_weight * quantization_loss(h)
         parts[f"balance_{k}"] = config.balance_weight * bit_balance_loss(h)
+        if config.get("neighbourhood_weight", 0.0):
+            other_classes = config.get("neighbourhood_pairs", "all") == "other_classes"
+            parts[f"neighbourhood_{k}"] = config.neighbourhood_weight * neighbourhood_loss(
+                h,
+                outputs["pooled"],
+                labels if other_classes else None,
+                temperature=config.neighbourhood_temperature,
+            )
     if config.use_proxy and config.uniformity_weight:
         parts["uniformity"] = config.uniformity_weight * sum(
             proxy_uniformity(p, t=config.uniformity_t) for p in proxies.values()
