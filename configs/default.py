@@ -80,6 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     loss.neighbourhood_weight = 0.0
     loss.neighbourhood_temperature = 0.1  # T of both neighbourhood distributions
     loss.neighbourhood_pairs = "all"  # all | other_classes: neighbours among other classes only
+    loss.neighbourhood_bits = ()  # the code lengths it applies to; () = all of them
 
     # ---------------------------------------------------------------- training
     config.train = train = ml_collections.ConfigDict()

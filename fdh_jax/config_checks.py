@@ -152,6 +152,11 @@ FIELD_RULES: tuple[tuple[str, Callable, str], ...] = (
     ("loss.label_smoothing", _between(0, 1, open_high=True), "in [0, 1)"),
     ("loss.neighbourhood_weight", _at_least(0), ">= 0"),
     ("loss.neighbourhood_temperature", _positive, "positive"),
+    (
+        "loss.neighbourhood_bits",
+        lambda v: isinstance(v, (tuple, list)) and (not v or _distinct(v, _positive_integer)),
+        "a tuple of distinct code lengths (() for all)",
+    ),
     ("loss.neighbourhood_pairs", _one_of(("all", "other_classes")), "all or other_classes"),
     ("train.batch_size", _positive_integer, "a positive integer"),
     ("train.classes_per_batch", _positive_integer, "a positive integer"),
@@ -218,6 +223,12 @@ def _cross_checks(c: ml_collections.ConfigDict, num_devices: int) -> list[tuple[
             "model.gnn_heads",
             model.node_dim % model.gnn_heads == 0,
             f"must divide model.node_dim ({model.node_dim}), got {model.gnn_heads}",
+        ),
+        (
+            "loss.neighbourhood_bits",
+            set(loss.get("neighbourhood_bits", ())) <= set(c.bits),
+            f"must be code lengths of bits {tuple(c.bits)} (or () for all), "
+            f"got {tuple(loss.get('neighbourhood_bits', ()))}",
         ),
         (
             "loss",

@@ -200,6 +200,13 @@ def test_total_loss_switches(tiny):
     loss, parts = losses.total_loss(outputs, labels, tiny.loss)
     expected = losses.neighbourhood_loss(outputs["hash"]["8"], outputs["pooled"])
     np.testing.assert_allclose(parts["neighbourhood_8"], 0.5 * float(expected), rtol=1e-6)
+    outputs["hash"]["4"] = np.tanh(rng.normal(size=(4, 4))).astype(np.float32)
+    outputs["hash_background"]["4"] = np.tanh(rng.normal(size=(4, 4))).astype(np.float32)
+    outputs["proxies"]["4"] = rng.choice([-1.0, 1.0], size=(2, 4)).astype(np.float32)
+    tiny.loss.neighbourhood_bits = (8,)  # the term on the 8-bit codes only
+    _, parts = losses.total_loss(outputs, labels, tiny.loss)
+    assert "neighbourhood_8" in parts and "neighbourhood_4" not in parts and "proxy_4" in parts
+    tiny.loss.neighbourhood_bits = ()
     tiny.loss.neighbourhood_weight = 0.0
     tiny.loss.use_triplet = False
     tiny.loss.use_proxy = False

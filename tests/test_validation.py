@@ -20,6 +20,7 @@ from fdh_jax.config_files import load_config
         ("train.batch_size", 6, 4, "config.train.batch_size"),
         ("train.classes_per_batch", 3, 1, "config.train.classes_per_batch"),
         ("model.gnn_heads", 3, 1, "config.model.gnn_heads"),
+        ("loss.neighbourhood_bits", (12, 99), 1, "config.loss.neighbourhood_bits"),
         ("model.stages", ("C3", "C9"), 1, "config.model.stages"),
         ("data.name", "imagenet", 1, "config.data.name"),
         ("train.optimizer", "lion", 1, "config.train.optimizer"),

@@ -200,7 +200,8 @@ def total_loss(
             )
         parts[f"quantization_{k}"] = config.quantization_weight * quantization_loss(h)
         parts[f"balance_{k}"] = config.balance_weight * bit_balance_loss(h)
-        if config.get("neighbourhood_weight", 0.0):
+        lengths = config.get("neighbourhood_bits", ())  # () = every length
+        if config.get("neighbourhood_weight", 0.0) and (not lengths or int(k) in lengths):
             other_classes = config.get("neighbourhood_pairs", "all") == "other_classes"
             parts[f"neighbourhood_{k}"] = config.neighbourhood_weight * neighbourhood_loss(
                 h,
