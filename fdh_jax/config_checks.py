@@ -227,8 +227,7 @@ def _cross_checks(c: ml_collections.ConfigDict, num_devices: int) -> list[tuple[
         (
             "loss.neighbourhood_bits",
             set(loss.get("neighbourhood_bits", ())) <= set(c.bits),
-            f"must be code lengths of bits {tuple(c.bits)} (or () for all), "
-            f"got {tuple(loss.get('neighbourhood_bits', ()))}",
+            f"must be code lengths of bits {tuple(c.bits)} (or () for all)",
         ),
         (
             "loss",
