@@ -184,6 +184,9 @@ def total_loss(
     proxies = outputs.get("proxies", {})
     if not config.learnable_proxies:
         proxies = jax.lax.stop_gradient(proxies)
+    lengths = config.get("neighbourhood_bits", ())  # of the neighbourhood term; () = all
+    other_classes = config.get("neighbourhood_pairs", "all") == "other_classes"
+    pair_labels = labels if other_classes else None
     for k, h in outputs["hash"].items():
         if config.use_proxy:
             parts[f"proxy_{k}"] = proxy_loss(
@@ -200,14 +203,9 @@ def total_loss(
             )
         parts[f"quantization_{k}"] = config.quantization_weight * quantization_loss(h)
         parts[f"balance_{k}"] = config.balance_weight * bit_balance_loss(h)
-        lengths = config.get("neighbourhood_bits", ())  # () = every length
         if config.get("neighbourhood_weight", 0.0) and (not lengths or int(k) in lengths):
-            other_classes = config.get("neighbourhood_pairs", "all") == "other_classes"
             parts[f"neighbourhood_{k}"] = config.neighbourhood_weight * neighbourhood_loss(
-                h,
-                outputs["pooled"],
-                labels if other_classes else None,
-                temperature=config.neighbourhood_temperature,
+                h, outputs["pooled"], pair_labels, temperature=config.neighbourhood_temperature
             )
     if config.use_proxy and config.uniformity_weight:
         parts["uniformity"] = config.uniformity_weight * sum(
