@@ -46,6 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.width = 64  # stem width of the ResNet (64 for the standard ones)
     model.pretrained = ""  # weights: .safetensors/.tflite path or hf://ORG/MODEL; "" = random
     model.freeze_backbone = False  # train only suppression, MFE and heads
+    # With a frozen MobileNetV2: its layers after this stage ("C4": blocks 14-17 and the last
+    # conv) also train, at train.backbone_lr_multiplier, on the cached maps; "" = none.
+    model.trainable_after = ""
     model.stages = ("C3", "C4", "C5")  # backbone stages that feed the multi-level graph
     model.use_suppression = True  # background suppression mask (ablation: False)
     model.mask_temperature = 4.0  # tau in M = sigmoid(tau * standardised activation)

@@ -14,6 +14,9 @@ import ml_collections
 
 from fdh_jax.data.sources import SOURCE_MODULES
 from fdh_jax.models.backbones import BACKBONES, STAGE_NAMES
+from fdh_jax.models.mobilenet import STAGE_BLOCKS
+
+TRAINABLE_AFTER = tuple(STAGE_BLOCKS)  # the MobileNetV2 stages its last layers can train from
 
 OPTIMIZERS = ("sgd", "adamw")
 DTYPES = ("float32", "bfloat16")
@@ -135,6 +138,11 @@ FIELD_RULES: tuple[tuple[str, Callable, str], ...] = (
     ("model.gnn_heads", _positive_integer, "a positive integer"),
     ("model.flip_average", _flag, "True or False"),
     ("model.pooled_to_heads", _flag, "True or False"),
+    (
+        "model.trainable_after",
+        _one_of(("", *TRAINABLE_AFTER)),
+        f"'' (none) or a MobileNetV2 stage: {', '.join(TRAINABLE_AFTER)}",
+    ),
     ("model.use_classifier", _flag, "True or False"),
     ("model.dtype", _one_of(DTYPES), f"one of {', '.join(DTYPES)}"),
     ("loss.use_proxy", _flag, "True or False"),
@@ -201,6 +209,30 @@ def _satisfies(test: Callable, value) -> bool:
         return False
 
 
+def _model_checks(c: ml_collections.ConfigDict) -> list[tuple[str, bool, str]]:
+    """The rows of `_cross_checks` about the model and its code lengths."""
+    model, loss = c.model, c.loss
+    return [
+        (
+            "model.gnn_heads",
+            model.node_dim % model.gnn_heads == 0,
+            f"must divide model.node_dim ({model.node_dim}), got {model.gnn_heads}",
+        ),
+        (
+            "model.trainable_after",
+            not model.get("trainable_after", "")
+            or (model.backbone == "mobilenet_v2" and model.freeze_backbone),
+            "trains the last layers of a frozen MobileNetV2: it needs model.backbone="
+            "'mobilenet_v2' and model.freeze_backbone=True",
+        ),
+        (
+            "loss.neighbourhood_bits",
+            set(loss.get("neighbourhood_bits", ())) <= set(c.bits),
+            f"must be code lengths of bits {tuple(c.bits)} (or () for all)",
+        ),
+    ]
+
+
 def _cross_checks(c: ml_collections.ConfigDict, num_devices: int) -> list[tuple[str, bool, str]]:
     """Relations between fields, and with the device count: `(field, holds, problem)` rows,
     checked in order once every field passed its own rule. Over 60 lines: it is one table
@@ -219,16 +251,7 @@ def _cross_checks(c: ml_collections.ConfigDict, num_devices: int) -> list[tuple[
             data.eval_resize >= data.image_size,
             f"must be >= data.image_size ({data.image_size}), got {data.eval_resize}",
         ),
-        (
-            "model.gnn_heads",
-            model.node_dim % model.gnn_heads == 0,
-            f"must divide model.node_dim ({model.node_dim}), got {model.gnn_heads}",
-        ),
-        (
-            "loss.neighbourhood_bits",
-            set(loss.get("neighbourhood_bits", ())) <= set(c.bits),
-            f"must be code lengths of bits {tuple(c.bits)} (or () for all)",
-        ),
+        *_model_checks(c),
         (
             "loss",
             loss.use_proxy

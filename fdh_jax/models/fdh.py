@@ -17,6 +17,7 @@ import ml_collections
 from fdh_jax.common.ops import l2_normalize
 from fdh_jax.models.backbones import get_backbone
 from fdh_jax.models.mfe import MultiLevelFeatures
+from fdh_jax.models.mobilenet import stages_after
 from fdh_jax.models.proxies import HashProxies
 from fdh_jax.models.suppression import background_mask
 
@@ -42,6 +43,11 @@ class FDHMFE(nn.Module):
     (`{"C3": ..., "C5": ..., "mirrored": {"C3": ..., "C5": ...}}`); mirroring the maps instead
     would change nothing, since everything after the backbone is invariant to it. Training is
     unchanged.
+    `trainable_after` ("C2", "C3" or "C4"; with a frozen MobileNetV2): the backbone's layers after
+    that stage train, BatchNorm statistics kept, on top of the frozen map of that stage. Given
+    precomputed maps, the model reads that stage's map and computes the later ones
+    (`precomputed_stages` lists what it reads); given images, the backbone runs whole and, in
+    training, the layers after the stage run again on its stopped-gradient map.
     """
 
     num_classes: int
@@ -64,6 +70,7 @@ class FDHMFE(nn.Module):
     proxy_seed: int = 0
     flip_average: bool = False
     pooled_to_heads: bool = False
+    trainable_after: str = ""  # with freeze_backbone: the MobileNetV2 layers after it train
     dtype: jnp.dtype = jnp.float32
 
     def __call__(self, images: jnp.ndarray | dict, train: bool = False) -> dict:
@@ -102,21 +109,29 @@ class FDHMFE(nn.Module):
     @nn.compact
     def forward(self, images: jnp.ndarray | dict, train: bool = False) -> dict:
         """The network on one batch (`__call__` without flip averaging)."""
+        backbone = get_backbone(self.backbone, width=self.width, dtype=self.dtype)
+        backbone = backbone.clone(parent=self, name="backbone")
+        start = self.trainable_after
         if isinstance(images, dict):  # precomputed stage maps of a frozen backbone
-            missing = sorted({*self.stages, "C5"} - set(images))
+            missing = sorted(set(precomputed_stages(self.stages, start)) - set(images))
             if missing:
                 raise ValueError(
                     f"precomputed stage maps lack {', '.join(missing)}: the model uses "
-                    f"{', '.join(self.stages)} and C5 (for the mask); got {', '.join(images)}"
+                    f"{', '.join(self.stages)} and C5 (for the mask)"
+                    + (f", computing those after {start}" if start else "")
+                    + f"; got {', '.join(images)}"
                 )
             # Stored maps may be float16 (the feature cache): compute in the model's dtype.
             stage_maps = {name: jnp.asarray(m, self.dtype) for name, m in images.items()}
         else:
-            backbone = get_backbone(self.backbone, width=self.width, dtype=self.dtype)
             backbone_train = train and not self.freeze_backbone
-            stage_maps = backbone.clone(parent=self, name="backbone")(images, backbone_train)
+            stage_maps = backbone(images, backbone_train)
         if self.freeze_backbone:  # no backward pass through a backbone that is not updated
             stage_maps = jax.tree.map(jax.lax.stop_gradient, stage_maps)
+        if start and (train or isinstance(images, dict)):
+            # The layers after `start` train (BatchNorm statistics kept): recompute what follows
+            # from the frozen map, so that gradients reach them and no earlier layer.
+            stage_maps = stage_maps | backbone(stage_maps[start], False, start=start)
         stage_maps = {name: stage_maps[name] for name in self.stages} | {"C5": stage_maps["C5"]}
         outputs = {}
         mask = None
@@ -165,6 +180,16 @@ class FDHMFE(nn.Module):
                 self.num_classes, tuple(self.bits), self.proxy_seed, name="proxies"
             )()
         return outputs
+
+
+def precomputed_stages(stages: Sequence[str], trainable_after: str = "") -> tuple[str, ...]:
+    """The backbone maps that the model reads when they are computed beforehand (a frozen
+    backbone's feature cache): `stages` and C5, except those that the trainable layers after
+    stage `trainable_after` compute, plus that stage's own map."""
+    needed = {*stages, "C5"}
+    if trainable_after:
+        needed = (needed - set(stages_after(trainable_after))) | {trainable_after}
+    return tuple(sorted(needed))
 
 
 def _foreground_pooled(deepest_stage: jnp.ndarray, mask: jnp.ndarray | None) -> jnp.ndarray:
@@ -224,5 +249,6 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> FDHMFE:
         # Absent from the records of runs made before it existed: those encode without it.
         flip_average=bool(model.get("flip_average", False)),
         pooled_to_heads=bool(model.get("pooled_to_heads", False)),
+        trainable_after=str(model.get("trainable_after", "")),
         dtype=jnp.bfloat16 if model.dtype == "bfloat16" else jnp.float32,
     )

@@ -14,6 +14,11 @@ block 1 has no `expand`), `conv_18` (the final 1x1 conv to 1280 channels) and `c
 every backbone) -> `{"C2": [B, H/4, W/4, 24], "C3": [B, H/8, W/8, 32], "C4": [B, H/16, W/16, 96],
 "C5": [B, H/32, W/32, 1280], ["logits": [B, num_classes]]}`. The network itself was trained on
 inputs in [-1, 1]; the module converts (set `input_range="minus_one_to_one"` to feed such inputs).
+
+`start="C4"` (a call argument) runs only the layers after that stage: the input is the C4 map and
+the result holds the stages after it (`{"C5": ...}`), computed by the same parameters. That is how
+a frozen backbone's last layers train on cached stage maps (`model.trainable_after`;
+`layers_after` names the layers it runs).
 """
 
 from collections.abc import Iterator
@@ -48,6 +53,23 @@ HEAD_FEATURES = 1280
 # Stage map name -> index of the block (1-based, as `expanded_conv_<i>`) whose output it is.
 # C5 is the output of `conv_18` (after the last block).
 STAGE_BLOCKS = {"C2": 3, "C3": 6, "C4": 13}
+
+
+def layers_after(stage: str) -> tuple[str, ...]:
+    """Names of the top-level modules that compute what follows stage `stage` ("C2", "C3" or
+    "C4"): the later inverted residual blocks and the final conv with its norm."""
+    if stage not in STAGE_BLOCKS:
+        raise ValueError(f"MobileNetV2 runs from stage {', '.join(STAGE_BLOCKS)}; got {stage!r}")
+    last = max(index for index, *_ in block_specs())
+    blocks = range(STAGE_BLOCKS[stage] + 1, last + 1)
+    return (*(f"expanded_conv_{index}" for index in blocks), "conv_18", "conv_18_bn")
+
+
+def stages_after(stage: str) -> tuple[str, ...]:
+    """The stage maps that a run from `stage` computes (e.g. "C3" -> ("C4", "C5"))."""
+    layers_after(stage)  # checks the name
+    later = [s for s, index in STAGE_BLOCKS.items() if index > STAGE_BLOCKS[stage]]
+    return (*later, "C5")
 
 
 @dataclass(frozen=True)
@@ -211,7 +233,16 @@ class MobileNetV2(nn.Module):
     fold_batch_norm: bool = True
 
     @nn.compact
-    def __call__(self, images, train: bool = False) -> dict[str, jnp.ndarray]:
+    def __call__(
+        self, images, train: bool = False, start: str | None = None
+    ) -> dict[str, jnp.ndarray]:
+        if start is not None:  # `images` is the map of stage `start` (module docstring)
+            layers_after(start)  # checks the name
+            first_block = STAGE_BLOCKS[start] + 1
+            x = images.astype(self.dtype)
+            if not train and self.fold_batch_norm and not self.is_initializing():
+                return _folded_forward(self.variables, x, self.num_classes, self.dtype, first_block)
+            return self._layers(x, train, first_block)
         x = images.astype(jnp.float32)
         if self.input_range == "imagenet":
             pixels = x * jnp.asarray(IMAGENET_STD) + jnp.asarray(IMAGENET_MEAN)  # [0, 1]
@@ -226,9 +257,16 @@ class MobileNetV2(nn.Module):
         norm = partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
         x = _conv(STEM_FEATURES, 3, 2, 1, "conv_0", self.dtype)(x)
         x = nn.relu6(norm(name="conv_0_bn")(x))
+        return self._layers(x, train, 1)
+
+    def _layers(self, x, train: bool, first_block: int) -> dict[str, jnp.ndarray]:
+        """Blocks `first_block`.. and the final conv (and classifier) on `x`."""
+        norm = partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
         stages = {}
         block_to_stage = {index: name for name, index in STAGE_BLOCKS.items()}
         for index, in_features, expanded, out_features, stride in block_specs():
+            if index < first_block:
+                continue
             x = InvertedResidual(
                 in_features,
                 expanded,
@@ -266,23 +304,30 @@ def _pointwise(x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray) -> jnp.nd
     return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0].astype(x.dtype)) + bias.astype(x.dtype)
 
 
-def _folded_forward(variables: dict, x: jnp.ndarray, num_classes: int, dtype) -> dict:
+def _folded_forward(
+    variables: dict, x: jnp.ndarray, num_classes: int, dtype, first_block: int = 0
+) -> dict:
     """Eval-mode MobileNetV2 with every BatchNorm folded into its conv and the 1x1 convs as
     matrix products: the same function as the module's layers (to float rounding: tested), in
     one pass over each activation instead of three. XLA:CPU runs it about 1.8x faster (2-core
-    Xeon, chunks of 4-8 images; BENCHMARKS.md "Encoding"). `x`: the [-1, 1] input."""
+    Xeon, chunks of 4-8 images; BENCHMARKS.md "Encoding"). `x`: the [-1, 1] input, or with
+    `first_block > 0` the input of that block (the stem is skipped). Differentiable in the
+    variables: the folded form is also what trains a frozen backbone's last layers."""
 
     def relu6(v):
         return jnp.clip(v, 0.0, 6.0)
 
-    kernel, bias = _fold(variables, ("conv_0",))
-    x = lax.conv_general_dilated(
-        x, kernel.astype(dtype), (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
-    x = relu6(x + bias.astype(dtype))
+    if not first_block:
+        kernel, bias = _fold(variables, ("conv_0",))
+        x = lax.conv_general_dilated(
+            x, kernel.astype(dtype), (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        x = relu6(x + bias.astype(dtype))
     stages = {}
     block_to_stage = {index: name for name, index in STAGE_BLOCKS.items()}
     for index, in_features, expanded, out_features, stride in block_specs():
+        if index < first_block:
+            continue
         block = f"expanded_conv_{index}"
         out = x
         if expanded != in_features:

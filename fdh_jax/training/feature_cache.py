@@ -31,6 +31,11 @@ transform, the view parameters (`image_size`, `eval_resize`, `crop_scale`, `hori
 Sources whose items are not files (TFDS records, the synthetic set) are not cached: they have
 nothing to stat.
 
+**Trainable last layers.** With `model.trainable_after` (e.g. "C4"), the layers after that
+stage train on top of the cached maps: an entry then stores the stages up to and including it
+(not C5, which the model computes), and its key covers only the variables of the frozen layers,
+so a resumed or finished run, whose last layers have moved, finds the same entry.
+
 **Files.** `manifest.json` (the key's inputs, shapes, and the SHA-256 of each `.npy`) and one
 `<stage>.npy` of float16 `[N, V, h, w, c]` per stage. An entry is written into a temporary
 directory and renamed into place, so it appears whole; when two processes write the same entry,
@@ -69,6 +74,8 @@ from fdh_jax.data.image_scan import files_digest
 from fdh_jax.data.transforms import eval_transform, train_transform
 from fdh_jax.encoding import map_source
 from fdh_jax.models.backbones import get_backbone
+from fdh_jax.models.fdh import precomputed_stages
+from fdh_jax.models.mobilenet import layers_after
 
 FORMAT_VERSION = 1
 VIEW_SEED = 0x57A6E  # fixes the training views of every cache entry
@@ -89,7 +96,23 @@ def cache_root(setting: str) -> Path | None:
 
 
 def _stored_stages(config: ml_collections.ConfigDict) -> list[str]:
-    return sorted({*config.model.stages, "C5"})  # C5 also makes the suppression mask
+    # The model's stages and C5 (which makes the suppression mask), less what trainable layers
+    # after `model.trainable_after` compute from that stage's map.
+    model = config.model
+    return list(precomputed_stages(model.stages, model.get("trainable_after", "")))
+
+
+def _frozen_variables(config: ml_collections.ConfigDict, backbone_variables: dict) -> dict:
+    """The backbone variables that the stored maps depend on: all of them, less the layers after
+    `model.trainable_after` (they train, and the maps stop before them)."""
+    start = config.model.get("trainable_after", "")
+    if not start:
+        return backbone_variables
+    trainable = set(layers_after(start))
+    return {
+        kind: {layer: tree for layer, tree in trees.items() if layer not in trainable}
+        for kind, trees in backbone_variables.items()
+    }
 
 
 def _file_paths(source: Any) -> list[str] | None:
@@ -352,7 +375,7 @@ def cached_stage_maps(
     paths = _file_paths(source)
     if paths is None:
         return None
-    weights = variables_fingerprint(backbone_variables)
+    weights = variables_fingerprint(_frozen_variables(config, backbone_variables))
     description = entry_description(config, source, paths, weights, views, mirrored)
     directory = root / "stage_maps" / entry_key(description)
     if directory.is_dir():

@@ -1,5 +1,6 @@
 """The optimiser: warm-up + cosine schedule, SGD-momentum or AdamW with the backbone at its own
-rate (or frozen), and the moving average of the parameters (`train.ema_decay`)."""
+rate (or frozen, or frozen up to `model.trainable_after`), and the moving average of the
+parameters (`train.ema_decay`)."""
 
 from typing import Any
 
@@ -7,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from fdh_jax.models.mobilenet import layers_after
 
 
 def ema_rate(decay: float, step: jax.Array) -> jax.Array:
@@ -52,24 +55,36 @@ def make_optimizer(
             optax.sgd(schedule, momentum=train.momentum),
         )
 
-    backbone = (
-        optax.set_to_zero()
-        if config.model.freeze_backbone
-        else optimizer(train.backbone_lr_multiplier)
-    )
+    model = config.model
+    # A frozen backbone's layers get no update, except those after `model.trainable_after`.
+    # (Without that option the groups are those of runs made before it: their checkpoints load.)
+    trainable = set(layers_after(model.trainable_after)) if model.trainable_after else set()
+    transforms = {"backbone": optimizer(train.backbone_lr_multiplier), "head": optimizer(1.0)}
+    if model.freeze_backbone and not trainable:
+        transforms["backbone"] = optax.set_to_zero()
+    elif model.freeze_backbone:
+        transforms["frozen"] = optax.set_to_zero()
+
+    def group(name: str, layer: str) -> str:
+        if name != "backbone":
+            return "head"
+        return "frozen" if "frozen" in transforms and layer not in trainable else "backbone"
 
     def label(params):
         return {
-            name: jax.tree.map(
-                lambda _, group="backbone" if name == "backbone" else "head": group, sub
-            )
+            name: {layer: _labelled(tree, group(name, layer)) for layer, tree in sub.items()}
             for name, sub in params.items()
         }
 
-    tx = optax.multi_transform({"backbone": backbone, "head": optimizer(1.0)}, label)
+    tx = optax.multi_transform(transforms, label)
     if train.grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(train.grad_clip), tx)
     return tx
+
+
+def _labelled(tree: Any, group: str) -> Any:
+    """`tree` with every leaf replaced by `group` (an optimiser group's name)."""
+    return jax.tree.map(lambda _: group, tree)
 
 
 def update_count(opt_state) -> jax.Array:
