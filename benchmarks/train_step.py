@@ -30,7 +30,7 @@ from fdh_jax import parallel
 from fdh_jax.config_checks import validate_config
 from fdh_jax.config_files import load_config
 from fdh_jax.models.backbones import get_backbone
-from fdh_jax.models.fdh import build_model
+from fdh_jax.models.fdh import build_model, precomputed_stages
 from fdh_jax.training.optimizer import make_optimizer
 from fdh_jax.training.step import create_train_state, make_train_step
 
@@ -78,7 +78,7 @@ def main() -> None:
     init_seconds = time.perf_counter() - start
     step_fn = make_train_step(config, mesh, total_steps=1000)
     if args.cached:  # the stage maps a frozen backbone's feature cache stores, in float16
-        stages = sorted({*config.model.stages, "C5"})
+        stages = precomputed_stages(config.model.stages, config.model.trainable_after)
         backbone = get_backbone(config.model.backbone, width=config.model.width)
         shapes = jax.eval_shape(partial(backbone.init, train=False), jax.random.key(0), images[:1])
         shapes = jax.eval_shape(partial(backbone.apply, train=False), shapes, images[:1])
@@ -107,6 +107,7 @@ def main() -> None:
         f"{model_config.backbone} {size}px batch {batch} "
         f"freeze_backbone={model_config.freeze_backbone} node_dim={model_config.node_dim} "
         f"stages={','.join(model_config.stages)} pretrained={bool(model_config.pretrained)} "
+        f"trainable_after={model_config.trainable_after or '-'} "
         f"cached_stage_maps={args.cached} "
         f"on {jax.device_count()} {jax.devices()[0].platform} device(s)"
     )
