@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from tiny_models import moved
 
 from fdh_jax.models.mobilenet import DepthwiseConv, MobileNetV2, depthwise_conv_shifted
 
@@ -70,16 +71,7 @@ def test_eval_mode_with_folded_batch_norm_matches_the_layers():
     affine parameters away from their initial values so that every fold does something."""
     images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
     model = MobileNetV2(num_classes=7)
-    variables = jax.jit(model.init)(jax.random.key(1), images)
-    leaves, treedef = jax.tree.flatten(variables)
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    moved = [
-        leaf * (1 + 0.3 * jax.random.uniform(k, leaf.shape))
-        + 0.05 * jax.random.normal(k, leaf.shape)
-        for leaf, k in zip(leaves, keys, strict=True)
-    ]
-    variables = jax.tree.unflatten(treedef, moved)
-    variables["batch_stats"] = jax.tree.map(jnp.abs, variables["batch_stats"])
+    variables = moved(jax.jit(model.init)(jax.random.key(1), images), seed=2)
     folded = jax.jit(model.apply)(variables, images)
     layers = jax.jit(MobileNetV2(num_classes=7, fold_batch_norm=False).apply)(variables, images)
     assert set(folded) == set(layers) == {"C2", "C3", "C4", "C5", "logits"}

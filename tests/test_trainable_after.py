@@ -11,6 +11,7 @@ import optax
 import pytest
 from conftest import load_config
 from frozen_backbone import entries, frozen_config
+from tiny_models import moved
 
 from fdh_jax import parallel
 from fdh_jax.config_checks import ConfigError, validate_config
@@ -21,21 +22,6 @@ from fdh_jax.serving.workdir_encoder import restore_encoder
 from fdh_jax.training import feature_cache
 from fdh_jax.training.optimizer import make_optimizer
 from fdh_jax.training.train import train_and_evaluate
-
-
-def moved(variables: dict, seed: int = 2) -> dict:
-    """`variables` with every parameter and statistic moved off its initial value (positive
-    variances), so that every BatchNorm fold and every layer does something."""
-    leaves, treedef = jax.tree.flatten(variables)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [
-        leaf * (1 + 0.3 * jax.random.uniform(k, leaf.shape))
-        + 0.05 * jax.random.normal(k, leaf.shape)
-        for leaf, k in zip(leaves, keys, strict=True)
-    ]
-    out = jax.tree.unflatten(treedef, leaves)
-    out["batch_stats"] = jax.tree.map(jnp.abs, out["batch_stats"])
-    return out
 
 
 @pytest.fixture(scope="module")
