@@ -141,6 +141,13 @@ def test_precomputed_maps_give_the_codes_of_images_and_only_the_last_layers_lear
     assert any(float(jnp.max(jnp.abs(u))) > 0 for u in jax.tree.leaves(updates["mfe"]))
 
 
+def test_precomputed_maps_without_the_starting_stage_are_refused():
+    """Maps for the frozen model (C3, C5) lack C4, where the trainable layers start."""
+    maps = {"C3": jnp.zeros((1, 8, 8, 32)), "C5": jnp.zeros((1, 2, 2, 1280))}
+    with pytest.raises(ValueError, match="lack C4.*computing those after C4"):
+        tiny_fdh().init(jax.random.key(0), maps)
+
+
 def test_config_checks():
     config = load_config("folder")
     config.data.root = "/data"
