@@ -36,6 +36,7 @@ setup(
         "serve": ["fastapi>=0.110", "uvicorn[standard]>=0.29", "python-multipart>=0.0.9"],
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",  # the suite runs on two workers (pyproject.toml's addopts)
             "ruff>=0.6",
             "faiss-cpu>=1.8",
             "huggingface_hub>=0.20",
