@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from fdh_jax.models.proxies import min_hamming_distance, separated_binary_codes
+from fdh_jax.models.proxies import min_hamming_distance, separated_binary_codes, spread_codes
 
 
 def _brute_min_distance(codes):
@@ -31,3 +31,16 @@ def test_search_beats_random_codes(num_classes, bits):
     )
     assert min_hamming_distance(codes) > random_best
     np.testing.assert_array_equal(codes, separated_binary_codes(num_classes, bits, seed=3))
+
+
+def test_spread_codes_separates_given_codes_and_keeps_separated_ones():
+    rng = np.random.default_rng(0)
+    start = rng.choice(np.array([-1, 1], np.int8), size=(12, 16))
+    start[1] = start[0]  # two classes share a code (proxies placed by similar features)
+    before = start.copy()
+    spread = spread_codes(start, np.random.default_rng(1))
+    np.testing.assert_array_equal(start, before)  # the input is not modified
+    assert _brute_min_distance(spread) > _brute_min_distance(start) == 0
+    assert np.mean(spread != start) < 0.5  # flips from the given codes, not new codes
+    hadamard = separated_binary_codes(10, 16)  # half apart: flips may only thin the ties
+    assert min_hamming_distance(spread_codes(hadamard, np.random.default_rng(2))) == 8

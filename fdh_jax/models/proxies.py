@@ -23,9 +23,18 @@ def _hadamard_codes(num_classes: int, bits: int) -> np.ndarray | None:
 
 
 def _min_distance_search(num_classes: int, bits: int, seed: int, sweeps: int = 30) -> np.ndarray:
-    """Greedy bit flips that raise each code's distance to its nearest other code."""
+    """Greedy bit flips from seeded random codes (`spread_codes`)."""
     rng = np.random.default_rng(seed)
     codes = rng.choice(np.array([-1, 1], np.int8), size=(num_classes, bits))
+    return spread_codes(codes, rng, sweeps)
+
+
+def spread_codes(codes: np.ndarray, rng: np.random.Generator, sweeps: int = 30) -> np.ndarray:
+    """Greedy bit flips of `[C, K]` {-1, +1} codes that raise each code's distance to its
+    nearest other code (visiting codes in `rng`'s order), until no flip helps or `sweeps` passes;
+    returns the new codes (int8)."""
+    codes = np.array(codes, np.int8)
+    num_classes, bits = codes.shape
     if num_classes == 1:
         return codes
     for _ in range(sweeps):
