@@ -12,10 +12,11 @@ linear layer + tanh per code length, trained on them with the recipe's code loss
 `quantization_loss`, `bit_balance_loss`, with the weights of `--config`: the recipe's).
 
 Of the first `--seen` species (those `unseen_classes.py` trains on; the other 50 are never
-touched), `--held_out` are drawn by `--split_seed` and held out: the halves of their database
-images query each other (the class-disjoint validation of `eval.validation_by=classes`). The
-others train the head on 90% of each species' database images; the other 10% query the 90%
-("seen"). Rows, mAP@all x100:
+touched), `--held_out_fraction` (15 of 50) are held out as `eval.validation_by=classes` holds
+them out at `eval.validation_seed=--split_seed` (`fdh_jax.data.splits.class_validation_split`):
+half of each one's database images query the other half. The others train the head on 90% of
+each species' database images, and the other 10% (`validation_split`, as `eval.validation_by`
+= images) query the 90% ("seen"). Rows, mAP@all x100:
 - PCA-ITQ fitted on the training species' images;
 - the head trained towards the recipe's proxies (well separated codes, `models/proxies.py`);
 - towards proxies placed by the features: the PCA-ITQ codes of each training species' mean
@@ -39,6 +40,7 @@ from feature_baselines import SHARED
 
 from fdh_jax.config_files import load_config
 from fdh_jax.data.sources import make_source
+from fdh_jax.data.splits import class_validation_split, validation_split
 from fdh_jax.evaluation.metrics import mean_average_precision
 from fdh_jax.models.proxies import min_hamming_distance, separated_binary_codes, spread_codes
 from fdh_jax.search.adaptation import binarise
@@ -47,22 +49,18 @@ from fdh_jax.training import losses
 ALPHAS = (0.1, 0.2, 0.35, 0.5, 1.0)
 
 
-def probe_split(species: np.ndarray, seen: int, held_out: int, seed: int):
-    """Index arrays `(train, seen_queries, held_queries, held_database)` over the database."""
-    names = sorted(set(species))[:seen]
-    rng = np.random.default_rng(seed)
-    held = rng.permutation(names)[:held_out]
-    held_images = rng.permutation(np.flatnonzero(np.isin(species, held)))
-    half = len(held_images) // 2
-    train, queries = [], []
-    for name in names:
-        if name in held:
-            continue
-        images = rng.permutation(np.flatnonzero(species == name))
-        cut = max(1, len(images) // 10)
-        queries.extend(images[:cut])
-        train.extend(images[cut:])
-    return np.sort(train), np.sort(queries), held_images[:half], held_images[half:]
+def probe_split(species: np.ndarray, seen: int, fraction: float, seed: int):
+    """Database indices `(train, seen_queries, held_queries, held_database)`: the library's
+    class-disjoint validation (`class_validation_split`) of the first `seen` species, then its
+    per-species 10% validation (`validation_split`) of the species left for training."""
+    names = np.array(sorted(set(species))[:seen])
+    members = np.flatnonzero(np.isin(species, names))
+    labels = np.searchsorted(names, species[members])
+    train, held_queries, held_database = class_validation_split(labels, fraction, seed)
+    fit, seen_queries = validation_split(labels[train], 0.1, seed)
+    return tuple(
+        members[index] for index in (train[fit], train[seen_queries], held_queries, held_database)
+    )
 
 
 def train_head(features, labels, proxies, loss_config, steps: int, seed: int):
@@ -161,7 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(SHARED / "data" / "cub100"))
     parser.add_argument("--seen", type=int, default=50)
-    parser.add_argument("--held_out", type=int, default=15)
+    parser.add_argument("--held_out_fraction", type=float, default=0.3)
     parser.add_argument("--split_seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--bits", default="12,24,32,48")
@@ -173,7 +171,7 @@ def main() -> None:
     variant = fb.Variant(mirror=True, pooling="mask", l2=True)
     features = fb.variant_features(fb.cached_pools(source, args), variant)
     species = np.array([Path(path).parent.name for path in source.paths])
-    parts = probe_split(species, args.seen, args.held_out, args.split_seed)
+    parts = probe_split(species, args.seen, args.held_out_fraction, args.split_seed)
     labels = np.unique(species, return_inverse=True)[1]
     data = {}
     for name, index in zip(
@@ -185,8 +183,8 @@ def main() -> None:
         data[name] = (data[name][0], np.searchsorted(trained, data[name][1]))
     loss_config = load_config(args.config).loss
     print(
-        f"{len(parts[0])} training images of {args.seen - args.held_out} species, "
-        f"{len(parts[1])} seen queries; {args.held_out} held-out species: "
+        f"{len(parts[0])} training images of {len(np.unique(species[parts[0]]))} species, "
+        f"{len(parts[1])} seen queries; {len(np.unique(species[parts[2]]))} held-out species: "
         f"{len(parts[2])} queries, {len(parts[3])} database images (split seed {args.split_seed})"
     )
     bits = [int(b) for b in args.bits.split(",")]
