@@ -24,6 +24,9 @@ each species' database images, and the other 10% (`validation_split`, as `eval.v
   (`spread_codes`) from there;
 - blends: sign(head's continuous code + alpha * the PCA-ITQ projection), both scaled to the
   same spread over the training images;
+- the recipe's head trained with the cosine form of the neighbourhood term
+  (`loss.neighbourhood_form=cosine`, `loss.neighbourhood_pairs=other_classes`): the codes'
+  cosines between images of two species pulled towards the centred features' cosines;
 - a bit share: half the bits from a head of half the length, half from PCA-ITQ.
 """
 
@@ -47,6 +50,7 @@ from fdh_jax.search.adaptation import binarise
 from fdh_jax.training import losses
 
 ALPHAS = (0.1, 0.2, 0.35, 0.5, 1.0)
+SIMILARITY_WEIGHTS = (3.0, 10.0, 30.0)
 
 
 def probe_split(species: np.ndarray, seen: int, fraction: float, seed: int):
@@ -63,8 +67,12 @@ def probe_split(species: np.ndarray, seen: int, fraction: float, seed: int):
     )
 
 
-def train_head(features, labels, proxies, loss_config, steps: int, seed: int):
-    """A linear + tanh head trained with the recipe's code losses; returns `x -> [N, K]` floats."""
+def train_head(
+    features, labels, proxies, loss_config, steps: int, seed: int, similarity: float = 0.0
+):
+    """A linear + tanh head trained with the recipe's code losses, plus `similarity` x the
+    cosine form of the neighbourhood term over pairs of two classes (`losses.similarity_loss`,
+    teacher: the features); returns `x -> [N, K]` floats."""
     num_classes, bits = proxies.shape
     params = {
         "w": jax.random.normal(jax.random.key(seed), (features.shape[1], bits))
@@ -86,6 +94,7 @@ def train_head(features, labels, proxies, loss_config, steps: int, seed: int):
             + c.uniformity_weight * losses.proxy_uniformity(params["proxies"], t=c.uniformity_t)
             + c.quantization_weight * losses.quantization_loss(codes)
             + c.balance_weight * losses.bit_balance_loss(codes)
+            + similarity * losses.similarity_loss(codes, x, y)
         )
 
     schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-3, steps // 10, steps)
@@ -144,6 +153,17 @@ def rows_for_length(data: dict, bits: int, loss_config, args) -> dict[str, tuple
         rows[f"blend, recipe's head + {alpha} x PCA-ITQ"] = score(
             lambda f, alpha=alpha: recipe(f) + alpha * head_spread * itq_continuous(f)
         )
+    for weight in SIMILARITY_WEIGHTS:
+        head = train_head(
+            x,
+            y,
+            proxies["recipe's proxies (separated)"],
+            loss_config,
+            args.steps,
+            args.seed,
+            similarity=weight,
+        )
+        rows[f"head + {weight} x cosine term, other classes' pairs"] = score(head)
     half = bits // 2
     short = train_head(
         x, y, separated_binary_codes(num_classes, half, half), loss_config, args.steps, args.seed

@@ -81,7 +81,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     loss.label_smoothing = 0.1  # classification label smoothing
     # w_nb: codes keep the neighbourhoods of the backbone's pooled C5 (0 = off; training/losses.py)
     loss.neighbourhood_weight = 0.0
-    loss.neighbourhood_temperature = 0.1  # T of both neighbourhood distributions
+    loss.neighbourhood_form = "kl"  # kl: nearest neighbours | cosine: every pair's cosine
+    loss.neighbourhood_temperature = 0.1  # T of both neighbourhood distributions (kl form)
     loss.neighbourhood_pairs = "all"  # all | other_classes: neighbours among other classes only
     loss.neighbourhood_bits = ()  # the code lengths it applies to; () = all of them
 

@@ -160,6 +160,7 @@ FIELD_RULES: tuple[tuple[str, Callable, str], ...] = (
     ("loss.label_smoothing", _between(0, 1, open_high=True), "in [0, 1)"),
     ("loss.neighbourhood_weight", _at_least(0), ">= 0"),
     ("loss.neighbourhood_temperature", _positive, "positive"),
+    ("loss.neighbourhood_form", _one_of(("kl", "cosine")), "kl or cosine"),
     (
         "loss.neighbourhood_bits",
         lambda v: isinstance(v, (tuple, list)) and (not v or _distinct(v, _positive_integer)),

@@ -176,6 +176,32 @@ def test_neighbourhood_loss_is_zero_when_codes_share_the_teachers_geometry():
     assert float(losses.neighbourhood_loss(np.roll(centred, 1, axis=0), teacher)) > 0.5
 
 
+def test_similarity_loss_matches_a_pair_loop(batch):
+    h, _, labels, _ = batch
+    teacher = np.abs(np.random.default_rng(5).normal(size=(8, 5))).astype(np.float32)
+    t = teacher.astype(np.float64) - teacher.mean(axis=0)
+    t /= np.sqrt(np.sum(t * t, axis=1, keepdims=True) + 1e-8)
+    c = h.astype(np.float64) / np.sqrt(np.sum(h * h, axis=1, keepdims=True) + 1e-8)
+    for pair_labels in (None, labels):
+        gaps = [
+            (c[i] @ c[j] - t[i] @ t[j]) ** 2
+            for i in range(len(h))
+            for j in range(len(h))
+            if i != j and (pair_labels is None or pair_labels[i] != pair_labels[j])
+        ]
+        got = losses.similarity_loss(h, teacher, pair_labels)
+        np.testing.assert_allclose(got, np.mean(gaps), rtol=1e-4)
+    assert float(losses.similarity_loss(h, teacher, np.zeros(8, np.int32))) == 0.0
+
+
+def test_similarity_loss_by_hand():
+    # Centred teacher rows (1, 0), (-1, 0): cosine -1. Codes (1, 0), (1, 1): cosine 1/sqrt(2).
+    teacher = np.array([[3.0, 2.0], [1.0, 2.0]], np.float32)
+    h = np.array([[1.0, 0.0], [1.0, 1.0]], np.float32)
+    expected = (1 / np.sqrt(2) + 1) ** 2
+    np.testing.assert_allclose(losses.similarity_loss(h, teacher), expected, rtol=1e-5)
+
+
 def test_total_loss_switches(tiny):
     rng = np.random.default_rng(2)
     outputs = {
@@ -206,6 +232,13 @@ def test_total_loss_switches(tiny):
     tiny.loss.neighbourhood_bits = (8,)  # the term on the 8-bit codes only
     _, parts = losses.total_loss(outputs, labels, tiny.loss)
     assert "neighbourhood_8" in parts and "neighbourhood_4" not in parts and "proxy_4" in parts
+    tiny.loss.neighbourhood_form = "cosine"  # every pair's cosine instead of the KL
+    tiny.loss.neighbourhood_pairs = "other_classes"
+    _, parts = losses.total_loss(outputs, labels, tiny.loss)
+    expected = losses.similarity_loss(outputs["hash"]["8"], outputs["pooled"], labels)
+    np.testing.assert_allclose(parts["neighbourhood_8"], 0.5 * float(expected), rtol=1e-6)
+    tiny.loss.neighbourhood_form = "kl"
+    tiny.loss.neighbourhood_pairs = "all"
     tiny.loss.neighbourhood_bits = ()
     tiny.loss.neighbourhood_weight = 0.0
     tiny.loss.use_triplet = False

@@ -159,6 +159,33 @@ def neighbourhood_loss(
     return jnp.sum(kl) / jnp.maximum(jnp.sum(rows), 1)
 
 
+def similarity_loss(
+    hash_values: jnp.ndarray, teacher: jnp.ndarray, labels: jnp.ndarray | None = None
+) -> jnp.ndarray:
+    """Mean squared gap between the codes' cosines and the teacher's, over pairs of the batch.
+
+    `mean_{i != j} (cos(h_i, h_j) - cos(t_i, t_j))^2`, the teacher centred on the batch mean as
+    in `neighbourhood_loss` and without gradient. Where the KL form weighs each image's nearest
+    neighbours (at a small temperature nearly one pair per row), this form asks every pair to
+    keep its cosine, far pairs too, so the codes keep the features' coarse layout across classes.
+    With `labels`, only pairs of two different classes count: the supervised terms alone decide
+    how close an image is to its own class.
+
+    Args:
+      hash_values: `[B, K]` continuous codes.
+      teacher: `[B, D]` features (B >= 2).
+      labels: `[B]` int classes, or None (every pair `i != j`). Zero when no pair is left.
+    """
+    teacher = jax.lax.stop_gradient(teacher.astype(jnp.float32))
+    t = l2_normalize(teacher - jnp.mean(teacher, axis=0, keepdims=True), _EPS)
+    h = l2_normalize(hash_values, _EPS)
+    pairs = ~jnp.eye(h.shape[0], dtype=bool)
+    if labels is not None:
+        pairs = labels[:, None] != labels[None]
+    gap = jnp.where(pairs, (h @ h.T - t @ t.T) ** 2, 0.0)
+    return jnp.sum(gap) / jnp.maximum(jnp.sum(pairs), 1)
+
+
 def classification_loss(logits: jnp.ndarray, labels: jnp.ndarray, *, smoothing: float = 0.1):
     """Label-smoothed softmax cross-entropy, `logits: [B, C]`, `labels: [B]`."""
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
@@ -204,9 +231,13 @@ def total_loss(
         parts[f"quantization_{k}"] = config.quantization_weight * quantization_loss(h)
         parts[f"balance_{k}"] = config.balance_weight * bit_balance_loss(h)
         if config.get("neighbourhood_weight", 0.0) and (not lengths or int(k) in lengths):
-            parts[f"neighbourhood_{k}"] = config.neighbourhood_weight * neighbourhood_loss(
-                h, outputs["pooled"], pair_labels, temperature=config.neighbourhood_temperature
-            )
+            if config.get("neighbourhood_form", "kl") == "cosine":
+                term = similarity_loss(h, outputs["pooled"], pair_labels)
+            else:
+                term = neighbourhood_loss(
+                    h, outputs["pooled"], pair_labels, temperature=config.neighbourhood_temperature
+                )
+            parts[f"neighbourhood_{k}"] = config.neighbourhood_weight * term
     if config.use_proxy and config.uniformity_weight:
         parts["uniformity"] = config.uniformity_weight * sum(
             proxy_uniformity(p, t=config.uniformity_t) for p in proxies.values()
