@@ -183,15 +183,27 @@ def _normalised(config: dict) -> dict:
     return config
 
 
+def _added_at_default(field: str, recorded: dict, wanted: dict, defaults: dict) -> bool:
+    """Whether `field` is missing from an older run's record and wanted at the library's default
+    (`configs/default.py`): a field added since, whose default keeps the old behaviour."""
+    missing, value, default = object(), wanted, defaults
+    for name in field.split("."):
+        recorded = recorded.get(name, missing) if isinstance(recorded, dict) else missing
+        value = value.get(name, missing) if isinstance(value, dict) else missing
+        default = default.get(name, missing) if isinstance(default, dict) else missing
+    return recorded is missing and value is not missing and value == default
+
+
 def check_recorded_config(workdir: Path, train_flags: list[str]) -> None:
     """Stops (one line) unless `workdir`'s recorded training config is the one `train_flags`
     would train: a finished run of another config must not be reused."""
     recorded = json.loads((workdir / "config.json").read_text())
     wanted = _config_dict(train_flags)
+    defaults = _config_dict(["--config=configs/default.py"])
     differ = [
         field
         for field in config_differences(_normalised(recorded), _normalised(wanted))
-        if field not in IGNORED_FIELDS
+        if field not in IGNORED_FIELDS and not _added_at_default(field, recorded, wanted, defaults)
     ]
     if differ:
         raise SystemExit(

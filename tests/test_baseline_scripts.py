@@ -53,6 +53,18 @@ def test_reused_workdir_must_hold_the_same_config(tmp_path):
     )
     with pytest.raises(SystemExit, match="train.num_steps"):
         uc.check_recorded_config(tmp_path, _flags(tmp_path))
+    # A field added since the run was recorded: no difference at its default value, ...
+    del recorded["loss"]["neighbourhood_form"]
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    uc.check_recorded_config(tmp_path, _flags(tmp_path, "--config.train.num_steps=800"))
+    # ... but one at another value changes the model.
+    with pytest.raises(SystemExit, match="loss.neighbourhood_form"):
+        uc.check_recorded_config(
+            tmp_path,
+            _flags(
+                tmp_path, "--config.train.num_steps=800", "--config.loss.neighbourhood_form=cosine"
+            ),
+        )
 
 
 def test_reused_evaluation_must_match(tmp_path):
