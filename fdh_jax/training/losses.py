@@ -196,8 +196,8 @@ def total_loss(
     outputs: dict, labels: jnp.ndarray, config: ml_collections.ConfigDict
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
     """`L = sum_K [L_proxy + w_tri L_tri + w_q L_q + w_bal L_bal + w_nb L_nb] + w_cls L_cls
-    + w_uni L_uni`; `L_nb` (`neighbourhood_loss`, teacher: the mask-pooled C5 in `outputs`)
-    only when `neighbourhood_weight > 0`.
+    + w_uni L_uni`; `L_nb` (`neighbourhood_loss`, or `similarity_loss` when `neighbourhood_form`
+    is "cosine"; teacher: the mask-pooled C5 in `outputs`) only when `neighbourhood_weight > 0`.
 
     Args:
       outputs: the dict returned by `FDHMFE.__call__`.
