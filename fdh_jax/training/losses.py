@@ -116,6 +116,19 @@ def triplet_loss(
     return loss
 
 
+def _unit_pairs(hash_values, teacher, labels):
+    """`(t, h, pairs)` of the two neighbourhood forms: the teacher centred on the batch mean and
+    L2-normalised (no gradient), the unit codes, and the `[B, B]` mask of the pairs that count
+    (`i != j`, or of two classes when `labels` is given)."""
+    teacher = jax.lax.stop_gradient(teacher.astype(jnp.float32))
+    t = l2_normalize(teacher - jnp.mean(teacher, axis=0, keepdims=True), _EPS)
+    h = l2_normalize(hash_values, _EPS)
+    pairs = ~jnp.eye(h.shape[0], dtype=bool)
+    if labels is not None:
+        pairs = labels[:, None] != labels[None]
+    return t, h, pairs
+
+
 def neighbourhood_loss(
     hash_values: jnp.ndarray,
     teacher: jnp.ndarray,
@@ -142,12 +155,7 @@ def neighbourhood_loss(
         without an image of another class are left out of the mean.
       temperature: `T`, of both distributions.
     """
-    teacher = jax.lax.stop_gradient(teacher.astype(jnp.float32))
-    t = l2_normalize(teacher - jnp.mean(teacher, axis=0, keepdims=True), _EPS)
-    h = l2_normalize(hash_values, _EPS)
-    others = ~jnp.eye(h.shape[0], dtype=bool)
-    if labels is not None:
-        others = labels[:, None] != labels[None]
+    t, h, others = _unit_pairs(hash_values, teacher, labels)
     rows = jnp.any(others, axis=1)
 
     def log_softmax(cosine):
@@ -176,12 +184,7 @@ def similarity_loss(
       teacher: `[B, D]` features (B >= 2).
       labels: `[B]` int classes, or None (every pair `i != j`). Zero when no pair is left.
     """
-    teacher = jax.lax.stop_gradient(teacher.astype(jnp.float32))
-    t = l2_normalize(teacher - jnp.mean(teacher, axis=0, keepdims=True), _EPS)
-    h = l2_normalize(hash_values, _EPS)
-    pairs = ~jnp.eye(h.shape[0], dtype=bool)
-    if labels is not None:
-        pairs = labels[:, None] != labels[None]
+    t, h, pairs = _unit_pairs(hash_values, teacher, labels)
     gap = jnp.where(pairs, (h @ h.T - t @ t.T) ** 2, 0.0)
     return jnp.sum(gap) / jnp.maximum(jnp.sum(pairs), 1)
 
