@@ -44,6 +44,7 @@ setup(
             "uvicorn[standard]>=0.29",
             "python-multipart>=0.0.9",
             "httpx>=0.27",
+            "psutil>=5.9",  # tests/test_service.py waits until the server holds a request
             "selenium>=4.20",  # drives Debian's chromium + chromium-driver (.ci/run installs them)
         ],
         # TensorFlow is only needed to *build* TFDS datasets, never at run time.

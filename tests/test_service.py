@@ -17,6 +17,7 @@ import time
 import zlib
 from pathlib import Path
 
+import psutil
 import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
@@ -189,6 +190,25 @@ def _wait_healthy(url: str, process: subprocess.Popen) -> None:
     raise AssertionError("the server did not become healthy")
 
 
+def _client_ports(process: subprocess.Popen, port: int) -> set[int]:
+    """The remote ports of the connections the server process has accepted on `port`."""
+    connections = psutil.Process(process.pid).net_connections(kind="tcp")
+    return {
+        c.raddr.port
+        for c in connections
+        if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == port and c.raddr
+    }
+
+
+def _wait_accepted(process: subprocess.Popen, port: int, before: set[int]) -> None:
+    """Wait until the server holds a connection it did not hold before (a fixed sleep is a race
+    under load: the request may not have connected when the listener closes)."""
+    deadline = time.monotonic() + 60
+    while not _client_ports(process, port) - before:
+        assert time.monotonic() < deadline, "the request never reached the server"
+        time.sleep(0.01)
+
+
 def test_sigkill_loses_no_acknowledged_add_and_sigterm_exits(setup, tmp_path):
     root, _, photos, _ = setup
     directory = tmp_path / "copy"
@@ -232,12 +252,12 @@ def test_sigkill_loses_no_acknowledged_add_and_sigterm_exits(setup, tmp_path):
     again = _serve(directory, port)
     _wait_healthy(url, again)
     assert httpx.get(f"{url}/api/health").json()["items"] == len(reopened)
-    answers = []
+    answers, before = [], _client_ports(again, port)
     in_flight = threading.Thread(
         target=lambda: answers.append(_search(httpx.Client(timeout=60), url, photos[0], k=3))
     )
     in_flight.start()
-    time.sleep(0.05)  # the request is on its way: SIGTERM lets it finish, then the server exits
+    _wait_accepted(again, port, before)  # SIGTERM lets the accepted request finish, then exits
     again.send_signal(signal.SIGTERM)
     in_flight.join()
     assert answers[0].status_code == 200 and len(answers[0].json()["results"]) == 3
