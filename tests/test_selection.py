@@ -62,7 +62,7 @@ def test_class_validation_holds_out_whole_classes_half_query_half_database():
     assert class_validation_split(labels[:3], 0.9, seed=0)[0].size > 0
 
 
-def test_class_validation_trains_without_the_held_out_classes(tmp_path, monkeypatch):
+def test_class_validation_trains_without_the_held_out_classes(tmp_path, monkeypatch, capsys):
     seen = {}
     real_dataset, real_scores = train.train_dataset, selection.validation_scores
 
@@ -88,6 +88,8 @@ def test_class_validation_trains_without_the_held_out_classes(tmp_path, monkeypa
     assert results["selected"]["validation_queries"] == 3  # 6 images: 3 query the other 3
     assert results["selected"]["validation_database"] == 3
     assert results["num_database"] == 24  # the protocol's database is still the whole split
+    # The start line counts what trains, not the whole database split.
+    assert "(18 of 24 images, 3 of 4 classes) for 2 steps" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("select", ["best", "last"])
