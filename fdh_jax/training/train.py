@@ -231,9 +231,9 @@ def _training_share(run: Run, train_inputs) -> str:
     """What trains, for the start line: `2944 images, 100 classes`, or with a validation split
     `1034 of 1481 images, 35 of 50 classes` (`eval.validation_by=classes` holds classes out)."""
     total, classes = len(run.database), int(np.unique(run.database.labels).size)
-    trained = int(np.unique(np.asarray(train_inputs.labels)).size)
     if len(train_inputs) == total:
         return f"{total} images, {classes} classes"
+    trained = int(np.unique(np.asarray(train_inputs.labels)).size)
     return f"{len(train_inputs)} of {total} images, {trained} of {classes} classes"
 
 
