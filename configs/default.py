@@ -85,12 +85,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     loss.neighbourhood_temperature = 0.1  # T of both neighbourhood distributions (kl form)
     loss.neighbourhood_pairs = "all"  # all | other_classes: neighbours among other classes only
     loss.neighbourhood_bits = ()  # the code lengths it applies to; () = all of them
+    # w_inst: instance discrimination, no labels: each code finds its photo's other view among the
+    # batch (InfoNCE at instance_temperature; needs train.views_per_image=2; 0 = off)
+    loss.instance_weight = 0.0
+    loss.instance_temperature = 0.2
 
     # ---------------------------------------------------------------- training
     config.train = train = ml_collections.ConfigDict()
     train.batch_size = 64  # global batch, = classes_per_batch * images_per_class
     train.classes_per_batch = 16  # P of the class-balanced P x Q sampler
     train.images_per_class = 4  # Q of the sampler
+    train.views_per_image = 1  # 2: Q / 2 photos per class, each twice (two views) in the batch
     train.grad_accum_steps = 1  # A: one update per A micro-batches of batch_size / A (same lr)
     train.num_epochs = 90.0  # length in epochs of the database split (used when num_steps=0)
     train.num_steps = 0  # if > 0, overrides num_epochs

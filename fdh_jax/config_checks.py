@@ -167,9 +167,12 @@ FIELD_RULES: tuple[tuple[str, Callable, str], ...] = (
         "a tuple of distinct code lengths (() for all)",
     ),
     ("loss.neighbourhood_pairs", _one_of(("all", "other_classes")), "all or other_classes"),
+    ("loss.instance_weight", _at_least(0), ">= 0"),
+    ("loss.instance_temperature", _positive, "positive"),
     ("train.batch_size", _positive_integer, "a positive integer"),
     ("train.classes_per_batch", _positive_integer, "a positive integer"),
     ("train.images_per_class", _positive_integer, "a positive integer"),
+    ("train.views_per_image", _one_of((1, 2)), "1 or 2"),
     ("train.grad_accum_steps", _positive_integer, "a positive integer"),
     ("train.num_steps", lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: use num_epochs)"),
     ("train.num_epochs", _at_least(0), ">= 0"),
@@ -234,6 +237,25 @@ def _model_checks(c: ml_collections.ConfigDict) -> list[tuple[str, bool, str]]:
     ]
 
 
+def _view_checks(c: ml_collections.ConfigDict) -> list[tuple[str, bool, str]]:
+    """The rows of `_cross_checks` about photos seen twice per batch (the instance term)."""
+    train, loss = c.train, c.loss
+    views = train.views_per_image
+    return [
+        (
+            "train.views_per_image",
+            train.images_per_class % views == 0,
+            f"must divide train.images_per_class ({train.images_per_class}), got {views}",
+        ),
+        (
+            "loss.instance_weight",
+            not loss.instance_weight or views == 2,
+            "the instance term pairs two views of each photo: it needs "
+            "--config.train.views_per_image=2",
+        ),
+    ]
+
+
 def _cross_checks(c: ml_collections.ConfigDict, num_devices: int) -> list[tuple[str, bool, str]]:
     """Relations between fields, and with the device count: `(field, holds, problem)` rows,
     checked in order once every field passed its own rule. Over 60 lines: it is one table
@@ -253,6 +275,7 @@ def _cross_checks(c: ml_collections.ConfigDict, num_devices: int) -> list[tuple[
             f"must be >= data.image_size ({data.image_size}), got {data.eval_resize}",
         ),
         *_model_checks(c),
+        *_view_checks(c),
         (
             "loss",
             loss.use_proxy

@@ -202,6 +202,31 @@ def test_similarity_loss_by_hand():
     np.testing.assert_allclose(losses.similarity_loss(h, teacher), expected, rtol=1e-5)
 
 
+def test_instance_loss_matches_a_loop():
+    h = np.tanh(np.random.default_rng(7).normal(size=(6, 5))).astype(np.float32)
+    c = h.astype(np.float64) / np.sqrt(np.sum(h * h, axis=1, keepdims=True) + 1e-8)
+    terms = []
+    for i in range(6):
+        others = [j for j in range(6) if j != i]
+        logits = np.array([c[i] @ c[j] / 0.5 for j in others])
+        partner = i + 1 if i % 2 == 0 else i - 1
+        log_z = np.log(np.sum(np.exp(logits)))
+        terms.append(log_z - logits[others.index(partner)])
+    got = losses.instance_loss(h, temperature=0.5)
+    np.testing.assert_allclose(got, np.mean(terms), rtol=1e-5)
+
+
+def test_instance_loss_by_hand():
+    # Two photos, two views each; views of a photo identical, the photos orthogonal: each row
+    # sees cosines 1 (partner), 0, 0 at T = 1, so the loss is log(e + 2) - 1.
+    h = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], np.float32)
+    np.testing.assert_allclose(
+        losses.instance_loss(h, temperature=1.0), np.log(np.e + 2) - 1, rtol=1e-6
+    )
+    swapped = h[[0, 2, 1, 3]]  # partners now orthogonal: worse
+    assert float(losses.instance_loss(swapped, temperature=1.0)) > np.log(np.e + 2) - 1
+
+
 def test_total_loss_switches(tiny):
     rng = np.random.default_rng(2)
     outputs = {
@@ -241,6 +266,12 @@ def test_total_loss_switches(tiny):
     tiny.loss.neighbourhood_pairs = "all"
     tiny.loss.neighbourhood_bits = ()
     tiny.loss.neighbourhood_weight = 0.0
+    tiny.loss.instance_weight = 2.0
+    _, parts = losses.total_loss(outputs, labels, tiny.loss)
+    for k in ("4", "8"):
+        expected = losses.instance_loss(outputs["hash"][k], temperature=0.2)
+        np.testing.assert_allclose(parts[f"instance_{k}"], 2.0 * float(expected), rtol=1e-6)
+    tiny.loss.instance_weight = 0.0
     tiny.loss.use_triplet = False
     tiny.loss.use_proxy = False
     _, parts = losses.total_loss(outputs, labels, tiny.loss)

@@ -20,6 +20,46 @@ def test_class_balanced_batch_has_p_classes_of_q_images():
     )
 
 
+def test_two_views_per_image_pair_adjacent_slots():
+    labels = np.repeat(np.arange(10), [5, 6, 7, 3, 9, 5, 5, 8, 6, 4])
+    for step in range(5):
+        idx = class_balanced_indices(
+            labels, step, seed=0, classes_per_batch=4, images_per_class=4, views_per_image=2
+        )
+        groups = labels[idx].reshape(4, 4)
+        assert len(set(groups[:, 0])) == 4 and np.all(groups == groups[:, :1])
+        pairs = idx.reshape(8, 2)
+        assert np.all(pairs[:, 0] == pairs[:, 1])  # each photo in slots 2k and 2k + 1
+        assert all(len(set(row)) == 2 for row in pairs[:, 0].reshape(4, 2))  # two photos a class
+
+
+class _StoredViews:
+    """A stand-in for `StageMapViews`: view `v` of image `i` is the array `[i, v]`."""
+
+    def __init__(self, labels, num_views):
+        self.labels, self.num_views = np.asarray(labels), num_views
+
+    def __len__(self):
+        return len(self.labels)
+
+    def view_inputs(self, index, view):
+        return {"C4": np.array([index, view])}
+
+
+def test_the_two_slots_of_a_photo_get_two_stored_views(tiny):
+    tiny.train.classes_per_batch, tiny.train.images_per_class = 2, 4
+    tiny.train.views_per_image = 2
+    source = _StoredViews(np.repeat(np.arange(3), 5), num_views=3)
+    batches = list(iterate(train_dataset(source, tiny, 6)))
+    for batch in batches:
+        images, views = batch["C4"][:, 0].reshape(4, 2), batch["C4"][:, 1].reshape(4, 2)
+        assert np.all(images[:, 0] == images[:, 1]) and np.all(views[:, 0] != views[:, 1])
+    seen = np.concatenate([b["C4"][:, 1] for b in batches])
+    assert set(seen.tolist()) == {0, 1, 2}
+    again = list(iterate(train_dataset(source, tiny, 6, first_step=3)))  # a resumed run
+    np.testing.assert_array_equal(again[0]["C4"], batches[3]["C4"])
+
+
 def test_small_classes_are_sampled_with_replacement():
     labels = np.array([0, 0, 1])
     idx = class_balanced_indices(labels, 0, seed=0, classes_per_batch=2, images_per_class=3)

@@ -33,6 +33,8 @@ from fdh_jax.config_files import load_config
         ("loss.label_smoothing", 1.0, 1, "config.loss.label_smoothing"),
         ("eval.precision_at_k", (10, 0), 1, "config.eval.precision_at_k"),
         ("data.eval_resize", 16, 1, "config.data.eval_resize"),
+        ("train.views_per_image", 3, 1, "config.train.views_per_image"),
+        ("loss.instance_weight", 1.0, 1, "config.loss.instance_weight"),  # one view per photo
     ],
 )
 def test_invalid_field_is_named(tiny, field, value, num_devices, named):
@@ -45,6 +47,17 @@ def test_invalid_field_is_named(tiny, field, value, num_devices, named):
         validate_config(tiny, num_devices)
     message = str(error.value)
     assert message.startswith(named + ":") and "\n" not in message
+
+
+def test_views_per_image_must_divide_the_images_per_class(tiny):
+    tiny.train.views_per_image = 2
+    tiny.train.classes_per_batch, tiny.train.images_per_class = 4, 3
+    tiny.train.batch_size = 12
+    with pytest.raises(ConfigError, match=r"^config.train.views_per_image: must divide"):
+        validate_config(tiny, 1)
+    tiny.train.classes_per_batch, tiny.train.images_per_class = 3, 4
+    tiny.loss.instance_weight = 1.0
+    validate_config(tiny, 1)
 
 
 def test_valid_tiny_config_passes(tiny):

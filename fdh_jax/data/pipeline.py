@@ -8,8 +8,8 @@ its own slots of every global batch. The grain iterator state is saved with each
 
 A source may hold its items' backbone stage maps precomputed (`fdh_jax.training.feature_cache`:
 a frozen backbone): then a training example is one of the source's stored views of the image,
-chosen by the same `(seed, step, slot)` stream, and an evaluation example is the stored
-evaluation view.
+chosen by the same `(seed, step, slot)` stream (with `train.views_per_image=2`, the two slots of
+a photo get two different views), and an evaluation example is the stored evaluation view.
 Batches then carry the stage maps (`"C3"`, `"C4"`, ...) instead of `"image"`; `model_inputs`
 gives the model its input either way.
 """
@@ -27,21 +27,30 @@ from fdh_jax.data.transforms import eval_transform, train_transform
 
 
 def class_balanced_indices(
-    labels: np.ndarray, step: int, *, seed: int, classes_per_batch: int, images_per_class: int
+    labels: np.ndarray,
+    step: int,
+    *,
+    seed: int,
+    classes_per_batch: int,
+    images_per_class: int,
+    views_per_image: int = 1,
 ) -> np.ndarray:
     """Source indices of global batch `step`: `P` distinct classes x `Q` images each.
 
     Classes are drawn without replacement (with replacement only if there are fewer than `P`),
-    images of a class without replacement unless the class has fewer than `Q`. Returns
-    `[P * Q]` int64, grouped by class.
+    images of a class without replacement unless the class has fewer than `Q / V`. With
+    `views_per_image` V = 2 each class gives `Q / 2` images, each in two adjacent slots
+    (`2k`, `2k + 1`): the pairs of the instance term. Returns `[P * Q]` int64, grouped by class.
     """
     rng = np.random.default_rng([seed, 0x5A3D, step])
     classes = np.unique(labels)
     chosen = rng.choice(classes, classes_per_batch, replace=len(classes) < classes_per_batch)
+    per_class = images_per_class // views_per_image
     batch = []
     for c in chosen:
         members = np.flatnonzero(labels == c)
-        batch.append(rng.choice(members, images_per_class, replace=len(members) < images_per_class))
+        images = rng.choice(members, per_class, replace=len(members) < per_class)
+        batch.append(np.repeat(images, views_per_image))
     return np.concatenate(batch)
 
 
@@ -53,6 +62,7 @@ class _TrainRecords:
         self.config = config
         self.labels = np.asarray(source.labels)
         self.batch_size = config.train.batch_size
+        self.views_per_image = config.train.get("views_per_image", 1)
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - one entry per step in flight; freed with self
     def _batch(self, step: int) -> np.ndarray:
@@ -62,14 +72,24 @@ class _TrainRecords:
             seed=self.config.seed,
             classes_per_batch=self.config.train.classes_per_batch,
             images_per_class=self.config.train.images_per_class,
+            views_per_image=self.views_per_image,
         )
+
+    def _stored_view(self, step: int, slot: int, rng: np.random.Generator) -> int:
+        """The stored view of slot `slot`; the two slots of a pair get two different views."""
+        num_views = self.source.num_views
+        if self.views_per_image == 1:
+            return int(rng.integers(num_views))
+        pair = np.random.default_rng([self.config.seed, 0xA07, step, slot // 2])
+        views = pair.choice(num_views, 2, replace=num_views < 2)
+        return int(views[slot % 2])
 
     def __call__(self, position: int) -> dict[str, np.ndarray]:
         step, slot = divmod(int(position), self.batch_size)
         index = int(self._batch(step)[slot])
         rng = np.random.default_rng([self.config.seed, 0xA06, step, slot])
         if hasattr(self.source, "view_inputs"):  # stored views of a frozen backbone's maps
-            view = int(rng.integers(self.source.num_views))
+            view = self._stored_view(step, slot, rng)
             return self.source.view_inputs(index, view) | {"label": self.labels[index]}
         record = self.source[index]
         data = self.config.data

@@ -1,8 +1,8 @@
 """The FDH-MFE losses, each a pure function of arrays (docs/design.md, "Losses").
 
 Per code length `K`: proxy loss + bit balance + quantisation + background-aware triplet loss
-(+ optionally the neighbourhood term); once: classification and proxy uniformity. `total_loss`
-combines them as configured and returns the parts for logging.
+(+ optionally the neighbourhood and instance terms); once: classification and proxy
+uniformity. `total_loss` combines them as configured and returns the parts for logging.
 """
 
 import jax
@@ -189,6 +189,27 @@ def similarity_loss(
     return jnp.sum(gap) / jnp.maximum(jnp.sum(pairs), 1)
 
 
+def instance_loss(hash_values: jnp.ndarray, *, temperature: float = 0.2) -> jnp.ndarray:
+    """Instance discrimination between two views of each photo, without labels (InfoNCE).
+
+    The batch holds each photo twice, in slots `2k` and `2k + 1` (`train.views_per_image=2`).
+    Each code must pick its partner (the other view of its photo) among all other codes of the
+    batch, other photos of its own class included: `mean_i -log softmax_{j != i}(cos(h_i, h_j) /
+    T)[partner(i)]`. It rewards what tells one photo from another, not only one class from
+    another: the part of the codes that may carry over to classes never trained on.
+
+    Args:
+      hash_values: `[B, K]` continuous codes, B even, partners adjacent.
+      temperature: `T`.
+    """
+    h = l2_normalize(hash_values, _EPS)
+    n = h.shape[0]
+    logits = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, (h @ h.T) / temperature)
+    partner = jnp.arange(n) ^ 1
+    log_p = jax.nn.log_softmax(logits, axis=1)
+    return -jnp.mean(jnp.take_along_axis(log_p, partner[:, None], axis=1))
+
+
 def classification_loss(logits: jnp.ndarray, labels: jnp.ndarray, *, smoothing: float = 0.1):
     """Label-smoothed softmax cross-entropy, `logits: [B, C]`, `labels: [B]`."""
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
@@ -200,7 +221,8 @@ def total_loss(
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
     """`L = sum_K [L_proxy + w_tri L_tri + w_q L_q + w_bal L_bal + w_nb L_nb] + w_cls L_cls
     + w_uni L_uni`; `L_nb` (`neighbourhood_loss`, or `similarity_loss` when `neighbourhood_form`
-    is "cosine"; teacher: the mask-pooled C5 in `outputs`) only when `neighbourhood_weight > 0`.
+    is "cosine"; teacher: the mask-pooled C5 in `outputs`) only when `neighbourhood_weight > 0`;
+    `w_inst L_inst` (`instance_loss`, batches of photo pairs) only when `instance_weight > 0`.
 
     Args:
       outputs: the dict returned by `FDHMFE.__call__`.
@@ -241,6 +263,10 @@ def total_loss(
                     h, outputs["pooled"], pair_labels, temperature=config.neighbourhood_temperature
                 )
             parts[f"neighbourhood_{k}"] = config.neighbourhood_weight * term
+        if config.get("instance_weight", 0.0):
+            parts[f"instance_{k}"] = config.instance_weight * instance_loss(
+                h, temperature=config.instance_temperature
+            )
     if config.use_proxy and config.uniformity_weight:
         parts["uniformity"] = config.uniformity_weight * sum(
             proxy_uniformity(p, t=config.uniformity_t) for p in proxies.values()
