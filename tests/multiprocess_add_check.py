@@ -1,7 +1,7 @@
 """`python -m fdh_jax.main` for tests/test_collection_multiprocess.py, run by each process of
-`launch/local_multiprocess.sh`. With `FDH_TEST_KILL_AFTER_STAGING=I`, process I SIGKILLs
-itself right after it has staged its block of a multi-process add, before process 0 commits:
-a kill at the worst moment, made deterministic. Not a test module itself."""
+`launch/local_multiprocess.sh`. With `FDH_TEST_KILL_AFTER_STAGING=I,J,...`, each listed
+process SIGKILLs itself right after it has staged its block of a multi-process add, before
+process 0 commits: a kill at the worst moment, made deterministic. Not a test module itself."""
 
 import os
 import signal
@@ -11,7 +11,8 @@ from absl import app
 from fdh_jax import main
 from fdh_jax.search.collection import Collection
 
-if os.environ.get("FDH_TEST_KILL_AFTER_STAGING") == os.environ.get("JAX_PROCESS_ID"):
+_KILLED = os.environ.get("FDH_TEST_KILL_AFTER_STAGING", "").split(",")
+if os.environ.get("JAX_PROCESS_ID") in _KILLED:
     stage_add = Collection.stage_add
 
     def stage_then_die(self, *args, **kwargs):

@@ -1,7 +1,7 @@
 """`--mode=add` from 2 processes x 1 CPU device (launch/local_multiprocess.sh, gloo on
 127.0.0.1; fdh_jax/serving/multiprocess_add.py): the ids, codes and item numbers equal a
 one-process add of the same photos, the unreadable photo of process 1's block is reported by
-process 0, and a process killed after staging its block leaves the collection exactly as it was
+process 0, and a job killed after staging its blocks leaves the collection exactly as it was
 until the same command, run again, completes the add."""
 
 import json
@@ -38,7 +38,7 @@ def trained(tmp_path_factory):
 
 
 def _add(collection, workdir, photos, kill_after_staging=None):
-    """`--mode=add` from 2 processes; `kill_after_staging`: the process to SIGKILL then."""
+    """`--mode=add` from 2 processes; `kill_after_staging`: the processes to SIGKILL then."""
     env = dict(os.environ, DEVICES_PER_PROCESS="1")
     env.pop("XLA_FLAGS", None)
     if kill_after_staging is not None:
@@ -88,10 +88,14 @@ def test_a_kill_after_staging_changes_nothing_and_a_rerun_completes(trained, tmp
     manifest = (directory / "collection.json").read_bytes()
     before = _state(directory)
 
-    killed = _add(directory, workdir, photos, kill_after_staging=1)
+    # Both processes die after staging (a job killed at once). A kill of process 1 alone races:
+    # process 0 either fails in the barrier and deletes its staging folder or is killed by the
+    # launcher first. Process 0 makes the folder before the others start encoding and dies with
+    # no collective left to fail in, so the staged files always stay for the rerun to clear.
+    killed = _add(directory, workdir, photos, kill_after_staging="0,1")
     assert killed.returncode != 0 and "Added" not in killed.stdout, killed.stdout
     (run,) = (directory / "incoming").iterdir()
-    assert (run / "1.json").is_file()  # process 1 staged its block, then died
+    assert any(run.glob("*.json"))  # at least one block was staged before the kill
     assert (directory / "collection.json").read_bytes() == manifest
     assert _state(directory) == before
 
