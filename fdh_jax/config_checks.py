@@ -239,8 +239,9 @@ def _model_checks(c: ml_collections.ConfigDict) -> list[tuple[str, bool, str]]:
 
 def _view_checks(c: ml_collections.ConfigDict) -> list[tuple[str, bool, str]]:
     """The rows of `_cross_checks` about photos seen twice per batch (the instance term)."""
-    train, loss = c.train, c.loss
+    train, loss, data = c.train, c.loss, c.data
     views = train.views_per_image
+    cached = c.model.freeze_backbone and bool(data.feature_cache) and data.name != "synthetic"
     return [
         (
             "train.views_per_image",
@@ -252,6 +253,13 @@ def _view_checks(c: ml_collections.ConfigDict) -> list[tuple[str, bool, str]]:
             not loss.instance_weight or views == 2,
             "the instance term pairs two views of each photo: it needs "
             "--config.train.views_per_image=2",
+        ),
+        (
+            "train.views_per_image",
+            views == 1 or not cached or data.cached_views > 1,
+            "two views of a photo come from the feature cache's stored views: "
+            f"--config.data.cached_views={data.cached_views} would give both the same crop "
+            "(store 2 or more)",
         ),
     ]
 

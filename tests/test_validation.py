@@ -60,6 +60,19 @@ def test_views_per_image_must_divide_the_images_per_class(tiny):
     validate_config(tiny, 1)
 
 
+def test_two_views_from_the_feature_cache_need_two_stored_views(tiny):
+    tiny.train.classes_per_batch, tiny.train.images_per_class = 4, 2
+    tiny.train.views_per_image, tiny.loss.instance_weight = 2, 1.0
+    tiny.data.name, tiny.data.root, tiny.data.feature_cache = "folder", "/photos", "auto"
+    tiny.model.freeze_backbone, tiny.data.cached_views = True, 1
+    with pytest.raises(ConfigError, match=r"^config.train.views_per_image: two views .* the same"):
+        validate_config(tiny, 1)
+    tiny.data.cached_views = 2
+    validate_config(tiny, 1)
+    tiny.data.cached_views, tiny.data.feature_cache = 1, ""  # crops made per step: different
+    validate_config(tiny, 1)
+
+
 def test_valid_tiny_config_passes(tiny):
     validate_config(tiny, 1)
     validate_config(tiny, 4)
