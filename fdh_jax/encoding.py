@@ -2,7 +2,7 @@
 
 Everything that runs the model over a dataset goes through here: evaluation (`encode_source`),
 training's validation and frozen-backbone feature cache (`map_source`), the encoders of
-`fdh_jax.serving` and the `--adapt` features (`transfer_outputs`). The items, padded to whole
+`fdh_jax.serving` and the `--adapt` features and the heads' real-valued codes (`transfer_outputs`, `continuous_outputs`). The items, padded to whole
 global batches of `eval.batch_size`, are dealt out to the processes like training slots, and
 each output comes back on every process in dataset order.
 """
@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
@@ -167,14 +168,24 @@ def _in_dataset_order(
 
 @functools.lru_cache(maxsize=4)
 def _transfer_encoder(model, mesh):
-    """The outputs the transfer features are made of (`fdh_jax.search.adaptation`), jitted over
-    `mesh`."""
+    """The model's real-valued outputs before binarisation, jitted over `mesh`: the pooled C5
+    and descriptor the transfer features are made of (`fdh_jax.search.adaptation`) and each
+    hash head's continuous code."""
 
     def outputs(variables, inputs):
         out = model.apply(variables, inputs, train=False)
-        return {"pooled": out["pooled"], "descriptor": out["descriptor"]}
+        hashes = {f"hash_{k}": h.astype(jnp.float32) for k, h in out["hash"].items()}
+        return {"pooled": out["pooled"], "descriptor": out["descriptor"], **hashes}
 
     return jax.jit(outputs, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)))
+
+
+def continuous_outputs(
+    model, variables: dict, source: Any, config: ml_collections.ConfigDict, mesh
+) -> dict[str, np.ndarray]:
+    """Every item's real-valued outputs, in dataset order: `pooled [N, C5]`, `descriptor
+    [N, D]` and `hash_K [N, K]` per code length (whose `binarize` is `encode_source`'s codes)."""
+    return _in_dataset_order(_transfer_encoder(model, mesh), variables, source, config, mesh)
 
 
 def transfer_outputs(
@@ -182,5 +193,5 @@ def transfer_outputs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """`(pooled [N, C5], descriptor [N, D])` of every item of `source`, in dataset order: what
     `adaptation.transfer_features` combines."""
-    outputs = _in_dataset_order(_transfer_encoder(model, mesh), variables, source, config, mesh)
+    outputs = continuous_outputs(model, variables, source, config, mesh)
     return outputs["pooled"], outputs["descriptor"]

@@ -13,7 +13,7 @@ from tiny_models import random_images, tiny_model
 from fdh_jax import parallel
 from fdh_jax.data import load_splits
 from fdh_jax.data.transforms import eval_transform
-from fdh_jax.encoding import encode_source
+from fdh_jax.encoding import continuous_outputs, encode_source, transfer_outputs
 from fdh_jax.evaluation.metrics import mean_average_precision
 from fdh_jax.models.backbones import get_backbone
 from fdh_jax.models.fdh import FDHMFE, binarize
@@ -153,6 +153,15 @@ def test_cached_flip_averaged_run_scores_what_its_workdir_encoder_encodes(datase
         config, splits["train"], splits["test"], variables, encoder.mesh
     )
     from_cache, _ = encode_source(encoder.model, encoder.variables, cached, config, encoder.mesh)
+    # The real-valued outputs behind those codes (fitted codes and `--adapt` start from them).
+    real = continuous_outputs(encoder.model, encoder.variables, cached, config, encoder.mesh)
+    pooled, descriptor = transfer_outputs(
+        encoder.model, encoder.variables, cached, config, encoder.mesh
+    )
+    np.testing.assert_array_equal(real["pooled"], pooled)
+    np.testing.assert_array_equal(real["descriptor"], descriptor)
+    for k in map(str, config.bits):
+        np.testing.assert_array_equal(np.where(real[f"hash_{k}"] >= 0, 1, -1), from_cache[k])
     for k in map(str, config.bits):
         # Stage maps are stored as float16: a bit whose code is within rounding of 0 may differ.
         assert np.mean(from_cache[k] == from_images[k]) > 0.97
