@@ -2,9 +2,10 @@
 
 Everything that runs the model over a dataset goes through here: evaluation (`encode_source`),
 training's validation and frozen-backbone feature cache (`map_source`), the encoders of
-`fdh_jax.serving` and the `--adapt` features and the heads' real-valued codes (`transfer_outputs`, `continuous_outputs`). The items, padded to whole
-global batches of `eval.batch_size`, are dealt out to the processes like training slots, and
-each output comes back on every process in dataset order.
+`fdh_jax.serving`, the `--adapt` features (`transfer_outputs`) and the heads' real-valued codes
+(`continuous_outputs`). The items, padded to whole global batches of `eval.batch_size`, are
+dealt out to the processes like training slots, and each output comes back on every process in
+dataset order.
 """
 
 import collections
