@@ -1,7 +1,7 @@
 """Codes fitted on the training images: each hash head's output blended with the pooled C5.
 
-  python benchmarks/fitted_codes.py --held_out=CD --validation=W0,W1,W2 --unseen=ROOT \
-      [--cub100=C0,C1,C2] [--forms=head,descriptor]
+  python benchmarks/fitted_codes.py --held_out=CD0[,CD1,...] --validation=W0,W1,W2 \
+      --unseen=ROOT [--cub100=C0,C1,C2 [--cub100_in_rule]] [--forms=head,descriptor]
 
 Issue 34 asks for the recipe's own codes (no refit on the new collection) to keep the geometry
 of species never trained on. The heads' codes `sign(h_K)` are class-bound; PCA-ITQ of the
@@ -13,13 +13,14 @@ PCA-ITQ (`fdh_jax.search.adaptation.fit_pca_itq`) on `t_K = [unit(pooled C5), w 
 heads' codes are. A small `w` leans on the generic C5, a large one on the heads.
 
 `w` is chosen per code length on validation only, never on the unseen species or a test split:
-- held-out classes: `CD`, a run with `--config.eval.validation_by=classes`; the fit uses its
-  training classes' images, and its held-out classes' queries search their database half;
+- held-out classes: each `--held_out` run was trained with `--config.eval.validation_by=classes`
+  (several runs: several `eval.validation_seed`s); each fit uses its run's training classes'
+  images, and its held-out classes' queries search their database half; mean over the runs;
 - trained classes: each `--validation` run's 10% image validation (`eval.validation_fraction`),
-  searching the other 90% of the database, on which the fit is made;
-- rule: among the candidate weights whose validation mAP (mean over the `--validation` runs)
-  is at most `--tolerance` (0.5) below the heads' own codes at that length, the one with the
-  highest held-out mAP on `CD`.
+  searching the other 90% of the database, on which the fit is made; mean over the runs; with
+  `--cub100_in_rule` the `--cub100` runs' image validation too, as a second group;
+- rule: among the candidate weights whose validation mAP is at most `--tolerance` (0.5) below
+  the heads' own codes at that length in every group, the one with the highest held-out mAP.
 Then, with the chosen weights, each `--validation` run (the seeds of `unseen_classes.py --run`,
 trained on its seen half) is scored on the unseen species at `--unseen` (the database split
 searched by the query split) and on its own test queries, and each `--cub100` run on its test
@@ -125,63 +126,90 @@ def _line(name: str, values) -> str:
     return f"{name:44s} " + " / ".join(cells)
 
 
-def choose(held: Run, validation: list[Run], forms: list[str], tolerance: float) -> dict:
-    """Per length, the `(form, w)` of the rule in the module docstring; prints the grid."""
-    grid = {f"{form} w={w}": {k: (form, w) for k in held.bits} for form in forms for w in WEIGHTS}
-    train = held.outputs("train")
+def _held_out_scores(run: Run, grid: dict) -> dict[str, list[float]]:
+    """A class-disjoint run's held-out queries searching their database half, fitted on its
+    training classes' images."""
+    train = run.outputs("train")
     kept, queries, database = class_validation_split(
-        train["label"], held.config.eval.validation_fraction, held.config.eval.validation_seed
+        train["label"], run.config.eval.validation_fraction, run.config.eval.validation_seed
     )
-    held_rows = held.score(
-        _subset(train, queries), _subset(train, database), _subset(train, kept), grid
+    return run.score(_subset(train, queries), _subset(train, database), _subset(train, kept), grid)
+
+
+def _validation_scores(run: Run, grid: dict) -> dict[str, list[float]]:
+    """A run's image validation queries searching the rest of its database, fitted on it."""
+    train = run.outputs("train")
+    kept, val = validation_split(
+        train["label"], run.config.eval.validation_fraction, run.config.eval.validation_seed
     )
-    val_rows = []
-    for run in validation:
-        train = run.outputs("train")
-        kept, val = validation_split(
-            train["label"], run.config.eval.validation_fraction, run.config.eval.validation_seed
-        )
-        fit = _subset(train, kept)
-        val_rows.append(run.score(_subset(train, val), fit, fit, grid))
-    val_mean = {name: np.mean([r[name] for r in val_rows], axis=0) for name in held_rows}
+    fit = _subset(train, kept)
+    return run.score(_subset(train, val), fit, fit, grid)
+
+
+def _mean(rows: list[dict]) -> dict[str, np.ndarray]:
+    return {name: np.mean([r[name] for r in rows], axis=0) for name in rows[0]}
+
+
+def choose(held: list[Run], groups: dict[str, list[Run]], forms: list[str], tolerance: float):
+    """Per length, the `(form, w)` of the rule in the module docstring; prints the grid."""
+    bits = held[0].bits
+    grid = {f"{form} w={w}": {k: (form, w) for k in bits} for form in forms for w in WEIGHTS}
+    held_mean = _mean([_held_out_scores(run, grid) for run in held])
+    val_means = {
+        g: _mean([_validation_scores(r, grid) for r in runs]) for g, runs in groups.items()
+    }
     print(
-        f"\nChoice grid (bits {held.bits}): held-out classes of {held.workdir} | image "
-        f"validation, mean of {len(validation)} runs"
+        f"\nChoice grid, mAP@all x100 at {bits} bits: held-out classes (mean of {len(held)} "
+        f"class-disjoint runs) | image validation (mean of each group's runs)"
     )
-    for name in held_rows:
-        print(_line(f"{name} held-out", held_rows[name]))
-        print(_line(f"{name} validation", val_mean[name]))
+    for name in held_mean:
+        print(_line(f"{name} held-out", held_mean[name]))
+        for group, val in val_means.items():
+            print(_line(f"{name} validation, {group}", val[name]))
     chosen = {}
-    for i, k in enumerate(held.bits):
-        allowed = [n for n in grid if val_mean[n][i] >= val_mean["heads"][i] - tolerance]
+    for i, k in enumerate(bits):
+        allowed = [
+            n for n in grid if all(v[n][i] >= v["heads"][i] - tolerance for v in val_means.values())
+        ]
         if not allowed:
             raise SystemExit(f"no weight keeps {k}-bit validation within {tolerance} of the heads'")
-        best = max(allowed, key=lambda n: held_rows[n][i])
+        best = max(allowed, key=lambda n: held_mean[n][i])
         chosen[k] = grid[best][k]
         print(
-            f"  {k} bits: {best} (held-out {held_rows[best][i]:.2f} against the heads' "
-            f"{held_rows['heads'][i]:.2f}; validation {val_mean[best][i]:.2f} against "
-            f"{val_mean['heads'][i]:.2f})"
+            f"  {k} bits: {best} (held-out {held_mean[best][i]:.2f} against the heads' "
+            f"{held_mean['heads'][i]:.2f})"
         )
     return chosen
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--held_out", required=True, help="a run with eval.validation_by=classes")
+    parser.add_argument(
+        "--held_out", required=True, help="comma-separated runs with eval.validation_by=classes"
+    )
     parser.add_argument("--validation", required=True, help="comma-separated runs (seeds)")
     parser.add_argument("--unseen", default=None, help="the unseen species' dataset root")
     parser.add_argument("--cub100", default=None, help="comma-separated cub100 runs")
     parser.add_argument("--forms", default="head")
     parser.add_argument("--tolerance", type=float, default=0.5)
+    parser.add_argument(
+        "--cub100_in_rule",
+        action="store_true",
+        help="the --cub100 runs' image validation constrains the choice too",
+    )
     parser.add_argument("--cache", default="/tmp/fdh_fitted_codes")
     args = parser.parse_args()
     start, cache = time.perf_counter(), Path(args.cache)
-    held = Run(args.held_out, cache)
-    if held.config.eval.validation_by != "classes":
-        raise SystemExit(f"{args.held_out}: not trained with --config.eval.validation_by=classes")
+    held = [Run(w, cache) for w in args.held_out.split(",")]
+    for run in held:
+        if run.config.eval.validation_by != "classes":
+            raise SystemExit(f"{run.workdir}: not trained with --config.eval.validation_by=classes")
     validation = [Run(w, cache) for w in args.validation.split(",")]
-    chosen = choose(held, validation, args.forms.split(","), args.tolerance)
+    cub100 = [Run(w, cache) for w in args.cub100.split(",")] if args.cub100 else []
+    groups = {"--validation": validation}
+    if args.cub100_in_rule:
+        groups["--cub100"] = cub100
+    chosen = choose(held, groups, args.forms.split(","), args.tolerance)
     label = "fitted (" + ", ".join(f"{k}: {f} w={w}" for k, (f, w) in chosen.items()) + ")"
     tables = {}
     for run in validation:
@@ -202,8 +230,7 @@ def main() -> None:
         rows = run.score(run.outputs("test"), train, fit, {"fitted": chosen})
         for name, row in rows.items():
             tables.setdefault(f"seen species' test queries, {name}", []).append(row)
-    for workdir in args.cub100.split(",") if args.cub100 else []:
-        run = Run(workdir, cache)
+    for run in cub100:
         train = run.outputs("train")
         kept, _ = validation_split(
             train["label"], run.config.eval.validation_fraction, run.config.eval.validation_seed
@@ -211,7 +238,7 @@ def main() -> None:
         rows = run.score(run.outputs("test"), train, _subset(train, kept), {"fitted": chosen})
         for name, row in rows.items():
             tables.setdefault(f"cub100 test queries, {name}", []).append(row)
-    print(f"\n{label}\nmAP@all x100 at {held.bits} bits, mean +- std over runs:")
+    print(f"\n{label}\nmAP@all x100 at {held[0].bits} bits, mean +- std over runs:")
     for name, rows in tables.items():
         print(_line(f"{name} ({len(rows)})", rows))
     print(f"({time.perf_counter() - start:.0f} s)")
