@@ -2,6 +2,7 @@
 
   python benchmarks/fitted_codes.py --held_out=CD0[,CD1,...] --validation=W0,W1,W2 \
       --unseen=ROOT [--cub100=C0,C1,C2 [--cub100_in_rule]] [--forms=head,descriptor]
+  python benchmarks/fitted_codes.py --per_run --validation=W0,W1,W2 --unseen=ROOT --cub100=...
 
 Issue 34 asks for the recipe's own codes (no refit on the new collection) to keep the geometry
 of species never trained on. The heads' codes `sign(h_K)` are class-bound; PCA-ITQ of the
@@ -21,6 +22,9 @@ heads' codes are. A small `w` leans on the generic C5, a large one on the heads.
   `--cub100_in_rule` the `--cub100` runs' image validation too, as a second group;
 - rule: among the candidate weights whose validation mAP is at most `--tolerance` (0.5) below
   the heads' own codes at that length in every group, the one with the highest held-out mAP.
+With `--per_run` (no `--held_out` needed) each run gets its own weights instead: per length the
+smallest weight whose image validation of that run alone stays within the tolerance (the
+heads' own codes if none does), the rule a run could apply to itself at the end of training.
 Then, with the chosen weights, each `--validation` run (the seeds of `unseen_classes.py --run`,
 trained on its seen half) is scored on the unseen species at `--unseen` (the database split
 searched by the query split) and on its own test queries, and each `--cub100` run on its test
@@ -94,6 +98,9 @@ class Run:
         for name, choice in weights.items():
             row = []
             for k in self.bits:
+                if choice[k] is None:  # the heads' own codes at this length
+                    row.append(rows["heads"][self.bits.index(k)])
+                    continue
                 form, w = choice[k]
                 fitted = adaptation.fit_pca_itq(_features(fit, form, w, k), k, seed=0)
                 row.append(
@@ -182,10 +189,26 @@ def choose(held: list[Run], groups: dict[str, list[Run]], forms: list[str], tole
     return chosen
 
 
+def per_run_choice(run: Run, forms: list[str], tolerance: float) -> dict:
+    """`--per_run`: per length, the smallest weight whose image validation of `run` itself is
+    at most `tolerance` below the heads' own codes (None, the heads' codes, if none is)."""
+    grid = {f"{form} w={w}": {k: (form, w) for k in run.bits} for form in forms for w in WEIGHTS}
+    val = _validation_scores(run, grid)
+    chosen = {}
+    for i, k in enumerate(run.bits):
+        allowed = [n for n in grid if val[n][i] >= val["heads"][i] - tolerance]
+        chosen[k] = grid[allowed[0]][k] if allowed else None
+    print(
+        f"  {run.workdir}: "
+        + ", ".join(f"{k}: {c[1] if c else 'heads'}" for k, c in chosen.items())
+    )
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--held_out", required=True, help="comma-separated runs with eval.validation_by=classes"
+        "--held_out", default="", help="comma-separated runs with eval.validation_by=classes"
     )
     parser.add_argument("--validation", required=True, help="comma-separated runs (seeds)")
     parser.add_argument("--unseen", default=None, help="the unseen species' dataset root")
@@ -197,10 +220,17 @@ def main() -> None:
         action="store_true",
         help="the --cub100 runs' image validation constrains the choice too",
     )
+    parser.add_argument(
+        "--per_run",
+        action="store_true",
+        help="instead: each run's own weights, the smallest its image validation allows",
+    )
     parser.add_argument("--cache", default="/tmp/fdh_fitted_codes")
     args = parser.parse_args()
     start, cache = time.perf_counter(), Path(args.cache)
-    held = [Run(w, cache) for w in args.held_out.split(",")]
+    held = [Run(w, cache) for w in args.held_out.split(",") if w]
+    if not held and not args.per_run:
+        raise SystemExit("--held_out: the rule needs class-disjoint runs (or use --per_run)")
     for run in held:
         if run.config.eval.validation_by != "classes":
             raise SystemExit(f"{run.workdir}: not trained with --config.eval.validation_by=classes")
@@ -209,8 +239,15 @@ def main() -> None:
     groups = {"--validation": validation}
     if args.cub100_in_rule:
         groups["--cub100"] = cub100
-    chosen = choose(held, groups, args.forms.split(","), args.tolerance)
-    label = "fitted (" + ", ".join(f"{k}: {f} w={w}" for k, (f, w) in chosen.items()) + ")"
+    forms = args.forms.split(",")
+    if args.per_run:
+        print("\nWeights per run, chosen on its own image validation:")
+        label = "fitted, each run's own weights"
+        choices = {run: per_run_choice(run, forms, args.tolerance) for run in validation + cub100}
+    else:
+        chosen = choose(held, groups, forms, args.tolerance)
+        label = "fitted (" + ", ".join(f"{k}: {f} w={w}" for k, (f, w) in chosen.items()) + ")"
+        choices = {run: chosen for run in validation + cub100}
     tables = {}
     for run in validation:
         train = run.outputs("train")
@@ -223,11 +260,11 @@ def main() -> None:
                 run.outputs("test", args.unseen),
                 run.outputs("train", args.unseen),
                 fit,
-                {"fitted": chosen},
+                {"fitted": choices[run]},
             )
             for name, row in rows.items():
                 tables.setdefault(f"unseen species, {name}", []).append(row)
-        rows = run.score(run.outputs("test"), train, fit, {"fitted": chosen})
+        rows = run.score(run.outputs("test"), train, fit, {"fitted": choices[run]})
         for name, row in rows.items():
             tables.setdefault(f"seen species' test queries, {name}", []).append(row)
     for run in cub100:
@@ -235,12 +272,13 @@ def main() -> None:
         kept, _ = validation_split(
             train["label"], run.config.eval.validation_fraction, run.config.eval.validation_seed
         )
-        rows = run.score(run.outputs("test"), train, _subset(train, kept), {"fitted": chosen})
+        rows = run.score(run.outputs("test"), train, _subset(train, kept), {"fitted": choices[run]})
         for name, row in rows.items():
             tables.setdefault(f"cub100 test queries, {name}", []).append(row)
-    print(f"\n{label}\nmAP@all x100 at {held[0].bits} bits, mean +- std over runs:")
+    print(f"\n{label}\nmAP@all x100 at {validation[0].bits} bits, mean +- std over runs:")
     for name, rows in tables.items():
         print(_line(f"{name} ({len(rows)})", rows))
+        print(" " * 45 + "per run: " + "; ".join(" / ".join(f"{v:.2f}" for v in r) for r in rows))
     print(f"({time.perf_counter() - start:.0f} s)")
 
 
