@@ -93,7 +93,10 @@ class Run:
             )
 
         rows = {
-            "heads": [map_(_sign(query[f"hash_{k}"]), _sign(db[f"hash_{k}"])) for k in self.bits]
+            "heads": [
+                map_(adaptation.binarise(query[f"hash_{k}"]), adaptation.binarise(db[f"hash_{k}"]))
+                for k in self.bits
+            ]
         }
         for name, choice in weights.items():
             row = []
@@ -108,10 +111,6 @@ class Run:
                 )
             rows[name] = row
         return rows
-
-
-def _sign(x: np.ndarray) -> np.ndarray:
-    return np.where(x >= 0, 1, -1).astype(np.int8)
 
 
 def _features(outputs: dict, form: str, weight: float, bits: int) -> np.ndarray:
@@ -143,14 +142,25 @@ def _held_out_scores(run: Run, grid: dict) -> dict[str, list[float]]:
     return run.score(_subset(train, queries), _subset(train, database), _subset(train, kept), grid)
 
 
-def _validation_scores(run: Run, grid: dict) -> dict[str, list[float]]:
-    """A run's image validation queries searching the rest of its database, fitted on it."""
+def _image_split(run: Run) -> tuple[dict, dict, dict]:
+    """`(database, fit, validation)` outputs of a run: its whole database, the part it trained
+    on (where codes are fitted) and its image validation queries."""
     train = run.outputs("train")
     kept, val = validation_split(
         train["label"], run.config.eval.validation_fraction, run.config.eval.validation_seed
     )
-    fit = _subset(train, kept)
-    return run.score(_subset(train, val), fit, fit, grid)
+    return train, _subset(train, kept), _subset(train, val)
+
+
+def _validation_scores(run: Run, grid: dict) -> dict[str, list[float]]:
+    """A run's image validation queries searching the rest of its database, fitted on it."""
+    _, fit, val = _image_split(run)
+    return run.score(val, fit, fit, grid)
+
+
+def _grid(forms: list[str], bits: list[int]) -> dict[str, dict]:
+    """The candidate `(form, w)` per length, one row per form and weight."""
+    return {f"{form} w={w}": {k: (form, w) for k in bits} for form in forms for w in WEIGHTS}
 
 
 def _mean(rows: list[dict]) -> dict[str, np.ndarray]:
@@ -160,7 +170,7 @@ def _mean(rows: list[dict]) -> dict[str, np.ndarray]:
 def choose(held: list[Run], groups: dict[str, list[Run]], forms: list[str], tolerance: float):
     """Per length, the `(form, w)` of the rule in the module docstring; prints the grid."""
     bits = held[0].bits
-    grid = {f"{form} w={w}": {k: (form, w) for k in bits} for form in forms for w in WEIGHTS}
+    grid = _grid(forms, bits)
     held_mean = _mean([_held_out_scores(run, grid) for run in held])
     val_means = {
         g: _mean([_validation_scores(r, grid) for r in runs]) for g, runs in groups.items()
@@ -192,7 +202,7 @@ def choose(held: list[Run], groups: dict[str, list[Run]], forms: list[str], tole
 def per_run_choice(run: Run, forms: list[str], tolerance: float) -> dict:
     """`--per_run`: per length, the smallest weight whose image validation of `run` itself is
     at most `tolerance` below the heads' own codes (None, the heads' codes, if none is)."""
-    grid = {f"{form} w={w}": {k: (form, w) for k in run.bits} for form in forms for w in WEIGHTS}
+    grid = _grid(forms, run.bits)
     val = _validation_scores(run, grid)
     chosen = {}
     for i, k in enumerate(run.bits):
@@ -249,32 +259,20 @@ def main() -> None:
         label = "fitted (" + ", ".join(f"{k}: {f} w={w}" for k, (f, w) in chosen.items()) + ")"
         choices = {run: chosen for run in validation + cub100}
     tables = {}
+
+    def add(title: str, run: Run, query: dict, database: dict, fit: dict) -> None:
+        for name, row in run.score(query, database, fit, {"fitted": choices[run]}).items():
+            tables.setdefault(f"{title}, {name}", []).append(row)
+
     for run in validation:
-        train = run.outputs("train")
-        kept, _ = validation_split(
-            train["label"], run.config.eval.validation_fraction, run.config.eval.validation_seed
-        )
-        fit = _subset(train, kept)
+        train, fit, _ = _image_split(run)
         if args.unseen:
-            rows = run.score(
-                run.outputs("test", args.unseen),
-                run.outputs("train", args.unseen),
-                fit,
-                {"fitted": choices[run]},
-            )
-            for name, row in rows.items():
-                tables.setdefault(f"unseen species, {name}", []).append(row)
-        rows = run.score(run.outputs("test"), train, fit, {"fitted": choices[run]})
-        for name, row in rows.items():
-            tables.setdefault(f"seen species' test queries, {name}", []).append(row)
+            unseen = (run.outputs("test", args.unseen), run.outputs("train", args.unseen))
+            add("unseen species", run, *unseen, fit)
+        add("seen species' test queries", run, run.outputs("test"), train, fit)
     for run in cub100:
-        train = run.outputs("train")
-        kept, _ = validation_split(
-            train["label"], run.config.eval.validation_fraction, run.config.eval.validation_seed
-        )
-        rows = run.score(run.outputs("test"), train, _subset(train, kept), {"fitted": choices[run]})
-        for name, row in rows.items():
-            tables.setdefault(f"cub100 test queries, {name}", []).append(row)
+        train, fit, _ = _image_split(run)
+        add("cub100 test queries", run, run.outputs("test"), train, fit)
     print(f"\n{label}\nmAP@all x100 at {validation[0].bits} bits, mean +- std over runs:")
     for name, rows in tables.items():
         print(_line(f"{name} ({len(rows)})", rows))
