@@ -133,4 +133,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # foreground-pooled C5 and this weight times the trained descriptor;
     # fdh_jax/search/adaptation.py, which keeps the same value for older workdirs).
     ev.adapt_descriptor_weight = 0.3
+    # Fitted codes (fdh_jax/training/code_fitting.py): at the end of training, per code length a
+    # PCA-ITQ of [unit(pooled C5), w * unit(h_K)] fitted on the training images (no labels)
+    # replaces the heads' signs, w the smallest of `fitted_code_weights` whose validation mAP
+    # (mean over the lengths) is within `fitted_code_tolerance` of the heads' codes'. Needs a
+    # validation split. False: the heads' own codes.
+    ev.fitted_codes = False
+    ev.fitted_code_weights = (0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
+    ev.fitted_code_tolerance = 0.5  # points of mAP x100
     return config

@@ -196,6 +196,13 @@ FIELD_RULES: tuple[tuple[str, Callable, str], ...] = (
     ("eval.every", lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: only at the end)"),
     ("eval.select", _one_of(SELECTIONS), f"one of {', '.join(SELECTIONS)}"),
     ("eval.adapt_descriptor_weight", _at_least(0), ">= 0 (0: the pooled features alone)"),
+    ("eval.fitted_codes", _flag, "True or False"),
+    (
+        "eval.fitted_code_weights",
+        lambda v: len(v) > 0 and all(map(_positive, v)),
+        "one or more weights > 0",
+    ),
+    ("eval.fitted_code_tolerance", _at_least(0), ">= 0"),
 )
 
 
@@ -334,6 +341,12 @@ def _cross_checks(c: ml_collections.ConfigDict, num_devices: int) -> list[tuple[
             "eval.select",
             ev.select == "last" or ev.validation_fraction > 0,
             "'best' needs a validation split: set eval.validation_fraction (e.g. 0.1)",
+        ),
+        (
+            "eval.fitted_codes",
+            not ev.fitted_codes or ev.validation_fraction > 0,
+            "the fitted codes' weight is chosen on a validation split: set "
+            "eval.validation_fraction (e.g. 0.1)",
         ),
     ]
 

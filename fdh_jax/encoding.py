@@ -23,15 +23,23 @@ from jax.experimental import multihost_utils
 from fdh_jax import parallel
 from fdh_jax.data.pipeline import eval_dataset, model_inputs
 from fdh_jax.models.fdh import binarize
+from fdh_jax.models.fitted_codes import fitted_code, split_variables
 
 
 def encode(model, variables: dict, images: Any) -> dict[str, jax.Array]:
     """Binary codes of a batch: `images: [B, H, W, 3]` (or a frozen backbone's stage maps
-    `{"C3": [B, ...], ...}`) -> `{"K": int8 [B, K] in {-1, +1}}`."""
+    `{"C3": [B, ...], ...}`) -> `{"K": int8 [B, K] in {-1, +1}}`: the hash heads' signs, or
+    for a length the variables hold a fitted hash of, its codes (`fdh_jax.models.fitted_codes`)."""
+    model_variables, fitted = split_variables(variables)
 
     def codes(inputs):
-        outputs = model.apply(variables, inputs, train=False)
-        return {k: binarize(h) for k, h in outputs["hash"].items()}
+        outputs = model.apply(model_variables, inputs, train=False)
+        return {
+            k: fitted_code(fitted[k], outputs["pooled"], h)
+            if fitted is not None and k in fitted
+            else binarize(h)
+            for k, h in outputs["hash"].items()
+        }
 
     return parallel.map_in_chunks_on_cpu(codes, images)
 
@@ -174,7 +182,7 @@ def _transfer_encoder(model, mesh):
     hash head's continuous code."""
 
     def outputs(variables, inputs):
-        out = model.apply(variables, inputs, train=False)
+        out = model.apply(split_variables(variables)[0], inputs, train=False)
         hashes = {f"hash_{k}": h.astype(jnp.float32) for k, h in out["hash"].items()}
         return {"pooled": out["pooled"], "descriptor": out["descriptor"], **hashes}
 

@@ -14,6 +14,7 @@ from fdh_jax.evaluation.evaluate import evaluate_and_report
 from fdh_jax.search import adaptation
 from fdh_jax.serving.workdir_encoder import restore_encoder
 from fdh_jax.training.checkpointing import checkpoint_progress
+from fdh_jax.training.code_fitting import fitted_codes_label
 
 
 def evaluate_checkpoint(
@@ -53,6 +54,8 @@ def evaluate_checkpoint(
         extra = {"eval_data": str(Path(eval_data).resolve()), "checkpoint_step": encoder.step}
     else:
         output_dir = workdir
+    if encoder.fit_report is not None and encoder.fit_report["weight"] is not None and not adapt:
+        extra |= {"checkpoint_step": encoder.step, "codes": fitted_codes_label(encoder.fit_report)}
     if adapt:
         weight = adaptation.descriptor_weight(config)
         name = Path(eval_data).resolve().name if eval_data else "train"

@@ -27,17 +27,23 @@ from fdh_jax.data.transforms import NORMALIZED
 from fdh_jax.models.fdh import build_model
 from fdh_jax.search import adaptation
 from fdh_jax.serving.encoder import Encoder
+from fdh_jax.training import code_fitting
 from fdh_jax.training.checkpointing import restore_variables
-from fdh_jax.training.workdir import read_training_record
+from fdh_jax.training.workdir import ModelFileError, read_training_record
 
 
 class WorkdirEncoder(Encoder):
     """An encoder restored from a training workdir: the Flax model over a device mesh."""
 
-    def __init__(self, config: Any, description: dict, model, variables, step: int, mesh):
+    def __init__(
+        self, config: Any, description: dict, model, variables, step: int, mesh, fit_report=None
+    ):
         training_config = json.loads(config.to_json_best_effort())
         super().__init__(description, training_config, step, variables_fingerprint(variables))
         self.config, self.model, self.variables, self.mesh = config, model, variables, mesh
+        # How the codes were fitted at the end of training (`fdh_jax.training.code_fitting`),
+        # or None: the hash heads' own codes.
+        self.fit_report = fit_report
         self._configs: dict[int, Any] = {}
 
     def encode_source(self, source: Any, batch_size: int | None = None) -> dict[str, np.ndarray]:
@@ -143,4 +149,12 @@ def restore_encoder(
         parallel.replicated(mesh),
         moving_average=float(recorded.train.get("ema_decay", 0.0)) > 0,
     )
-    return WorkdirEncoder(config, description, model, variables, step, mesh)
+    try:  # the codes fitted at the end of training, when the run fitted them at this step
+        stored = code_fitting.load_fit(workdir, step)
+    except ValueError as error:
+        raise ModelFileError(str(error)) from None
+    fit_report = None
+    if stored is not None:
+        variables = code_fitting.with_fit(variables, stored[0], parallel.replicated(mesh))
+        fit_report = stored[1]
+    return WorkdirEncoder(config, description, model, variables, step, mesh, fit_report)

@@ -26,7 +26,7 @@ from fdh_jax.data.transforms import eval_transform
 from fdh_jax.evaluation.evaluate import evaluate_and_report
 from fdh_jax.models import pretrained
 from fdh_jax.models.fdh import build_model
-from fdh_jax.training import checkpointing, feature_cache, selection
+from fdh_jax.training import checkpointing, code_fitting, feature_cache, selection
 from fdh_jax.training.optimizer import make_optimizer
 from fdh_jax.training.step import TrainState, create_train_state, make_train_step, state_variables
 from fdh_jax.training.summaries import MetricWriter, report
@@ -151,6 +151,7 @@ def prepare_run(
 
 def _evaluate_and_report(
     run: Run,
+    variables: dict,
     config,
     workdir: Path,
     train_seconds: float,
@@ -160,7 +161,7 @@ def _evaluate_and_report(
     steps = int(run.state.step)
     results = evaluate_and_report(
         run.model,
-        state_variables(run.state),
+        variables,
         run.query,
         run.database,
         config,
@@ -215,13 +216,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         if selected["step"] != int(state.step):
             state, _ = checkpointing.restore_checkpoint(run.manager, state, selected["step"])
             report(f"Selected step {selected['step']} (best validation mAP).")
+    variables, fit_report = code_fitting.fitted_variables(
+        workdir,
+        int(state.step),
+        run.model,
+        state_variables(state),
+        train_inputs,
+        validation,
+        config,
+        run.mesh,
+    )
+    extra = {} if selected is None else {"selected": selected}
+    if fit_report is not None:
+        extra["fitted_codes"] = fit_report
     results = _evaluate_and_report(
         run._replace(state=state),
+        variables,
         config,
         workdir,
         train_seconds,
         (query_inputs, database_inputs),
-        None if selected is None else {"selected": selected},
+        extra,
     )
     run.manager.close()
     return results
