@@ -2,7 +2,8 @@
 
   python benchmarks/fitted_codes.py --held_out=CD0[,CD1,...] --validation=W0,W1,W2 \
       --unseen=ROOT [--cub100=C0,C1,C2 [--cub100_in_rule]] [--forms=head,descriptor]
-  python benchmarks/fitted_codes.py --per_run --validation=W0,W1,W2 --unseen=ROOT --cub100=...
+  python benchmarks/fitted_codes.py --per_run=product --validation=W0,W1,W2 --unseen=ROOT \
+      --cub100=C0,C1,C2
 
 Issue 34 asks for the recipe's own codes (no refit on the new collection) to keep the geometry
 of species never trained on. The heads' codes `sign(h_K)` are class-bound; PCA-ITQ of the
@@ -22,9 +23,11 @@ heads' codes are. A small `w` leans on the generic C5, a large one on the heads.
   `--cub100_in_rule` the `--cub100` runs' image validation too, as a second group;
 - rule: among the candidate weights whose validation mAP is at most `--tolerance` (0.5) below
   the heads' own codes at that length in every group, the one with the highest held-out mAP.
-With `--per_run` (no `--held_out` needed) each run gets its own weights instead: per length the
-smallest weight whose image validation of that run alone stays within the tolerance (the
-heads' own codes if none does), the rule a run could apply to itself at the end of training.
+With `--per_run` (no `--held_out` needed) each run gets its own weights instead, chosen on its
+image validation alone: `per_length`, per length the smallest weight that stays within the
+tolerance of the heads' own codes (those if none does); `product`, the rule the product
+applies at the end of training (`eval.fitted_codes`, `fdh_jax/training/code_fitting.py`): one
+weight for all lengths, the smallest whose mean over the lengths stays within the tolerance.
 Then, with the chosen weights, each `--validation` run (the seeds of `unseen_classes.py --run`,
 trained on its seen half) is scored on the unseen species at `--unseen` (the database split
 searched by the query split) and on its own test queries, and each `--cub100` run on its test
@@ -45,6 +48,7 @@ from fdh_jax.encoding import continuous_outputs
 from fdh_jax.evaluation.metrics import mean_average_precision
 from fdh_jax.search import adaptation
 from fdh_jax.serving.workdir_encoder import restore_encoder
+from fdh_jax.training import code_fitting
 
 WEIGHTS = (0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
 
@@ -199,9 +203,19 @@ def choose(held: list[Run], groups: dict[str, list[Run]], forms: list[str], tole
     return chosen
 
 
-def per_run_choice(run: Run, forms: list[str], tolerance: float) -> dict:
-    """`--per_run`: per length, the smallest weight whose image validation of `run` itself is
-    at most `tolerance` below the heads' own codes (None, the heads' codes, if none is)."""
+def per_run_choice(run: Run, forms: list[str], tolerance: float, rule: str) -> dict:
+    """`--per_run=per_length`: per length, the smallest weight whose image validation of `run`
+    itself is at most `tolerance` below the heads' own codes (None, the heads' codes, if none
+    is). `--per_run=product`: the product's rule (`fdh_jax.training.code_fitting`), one weight
+    for all lengths, the smallest within `tolerance` on the mean over the lengths."""
+    if rule == "product":
+        _, fit, val = _image_split(run)
+        tie = run.config.eval.tie_break
+        table = code_fitting.validation_table(fit, val, fit, run.bits, WEIGHTS, tie)
+        weight = code_fitting.choose_weight(table, tolerance)
+        chosen = {k: None if weight is None else ("head", weight) for k in run.bits}
+        print(f"  {run.workdir}: " + (f"w={weight:g}" if weight is not None else "heads"))
+        return chosen
     grid = _grid(forms, run.bits)
     val = _validation_scores(run, grid)
     chosen = {}
@@ -232,8 +246,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--per_run",
-        action="store_true",
-        help="instead: each run's own weights, the smallest its image validation allows",
+        choices=("per_length", "product"),
+        default=None,
+        help="instead: each run's own weights, the smallest its image validation allows, per "
+        "length or (product) one for all lengths",
     )
     parser.add_argument("--cache", default="/tmp/fdh_fitted_codes")
     args = parser.parse_args()
@@ -253,7 +269,10 @@ def main() -> None:
     if args.per_run:
         print("\nWeights per run, chosen on its own image validation:")
         label = "fitted, each run's own weights"
-        choices = {run: per_run_choice(run, forms, args.tolerance) for run in validation + cub100}
+        choices = {
+            run: per_run_choice(run, forms, args.tolerance, args.per_run)
+            for run in validation + cub100
+        }
     else:
         chosen = choose(held, groups, forms, args.tolerance)
         label = "fitted (" + ", ".join(f"{k}: {f} w={w}" for k, (f, w) in chosen.items()) + ")"

@@ -5,11 +5,13 @@
       --config.model.pretrained=FILE
 
 Everything after `--` goes to `python -m fdh_jax.main` unchanged; each seed trains in
-`ROOT/seed_<s>` with `--config.seed=<s>` (a finished seed is not rerun: its `results.json` is
-read; an interrupted one resumes). Runs share the feature cache, so only the first extracts the
-backbone's maps. The table has the query-split mAP (what docs/results.md reports) and, when the
-config holds out a validation split, the validation mAP of the checkpoint each run selected: only
-the latter may be used to choose between configs.
+`ROOT/seed_<s>` with `--config.seed=<s>`; an existing workdir is resumed (a finished seed only
+evaluates again, refitting its codes first if the config's `eval.fitted_code*` settings
+changed, so its `results.json` always scores the current config's codes). Runs share the
+feature cache, so only the first extracts the backbone's maps. The table has the query-split
+mAP (what docs/results.md reports) and, when the config holds out a validation split, the
+validation mAP of the checkpoint each run selected (of its fitted codes too, with
+`eval.fitted_codes`): only validation may be used to choose between configs.
 """
 
 import argparse
@@ -45,14 +47,13 @@ def main() -> None:
     results = []
     for seed in seeds:
         workdir = root / f"seed_{seed}"
-        if not (workdir / "results.json").is_file():
-            command = [sys.executable, "-m", "fdh_jax.main", f"--workdir={workdir}"]
-            command += [*main_args, f"--config.seed={seed}"]
-            print(f"seed {seed}: {' '.join(command[1:])}", flush=True)
-            start = time.perf_counter()
-            if subprocess.run(command).returncode != 0:
-                sys.exit(f"seed {seed} failed (workdir {workdir}): rerun to resume it")
-            print(f"seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+        command = [sys.executable, "-m", "fdh_jax.main", f"--workdir={workdir}"]
+        command += [*main_args, f"--config.seed={seed}"]
+        print(f"seed {seed}: {' '.join(command[1:])}", flush=True)
+        start = time.perf_counter()
+        if subprocess.run(command).returncode != 0:
+            sys.exit(f"seed {seed} failed (workdir {workdir}): rerun to resume it")
+        print(f"seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
         results.append(json.loads((workdir / "results.json").read_text()))
     bits = [str(k) for k in results[0]["bits"]]
     print(f"\n{len(seeds)} seed(s) ({', '.join(map(str, seeds))}), mAP@all x100, mean +- std:")
@@ -64,6 +65,14 @@ def main() -> None:
         print(markdown_row("validation (selected)", [s["validation_mAP"] for s in selected], bits))
         steps = ", ".join(str(s["step"]) for s in selected)
         print(f"selected steps: {steps} ({selected[0]['rule']})")
+    fitted = [r.get("fitted_codes") for r in results]
+    if all(fitted):
+        weights = [f["weight"] for f in fitted]
+        print(f"fitted codes' weights: {', '.join(map(str, weights))} (None: the heads' codes)")
+        if None not in weights:
+            rows = [f["validation_mAP"][f"w={w:g}"] for f, w in zip(fitted, weights, strict=True)]
+            rows = [dict(zip(bits, row, strict=True)) for row in rows]
+            print(markdown_row("validation, fitted codes", rows, bits))
 
 
 if __name__ == "__main__":

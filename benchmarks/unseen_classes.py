@@ -46,10 +46,12 @@ from pathlib import Path
 import feature_baselines as fb
 import numpy as np
 from feature_baselines import SHARED
+from ml_collections import ConfigDict
 from seeds import markdown_row
 
 from fdh_jax.data.sources import make_source
 from fdh_jax.search.adaptation import descriptor_weight
+from fdh_jax.training import code_fitting
 from fdh_jax.training.workdir import config_differences
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,6 +155,13 @@ def _commands(seen: Path, unseen: Path, workdir: Path, seed: int, flags: list[st
 
 
 IGNORED_FIELDS = {"train.keep_checkpoints", "data.feature_cache"}  # no effect on the model
+# Applied after training: a finished run given other values is resumed, which refits its codes
+# and evaluates again (`fdh_jax.training.code_fitting`).
+POST_TRAINING_FIELDS = {
+    "eval.fitted_codes",
+    "eval.fitted_code_weights",
+    "eval.fitted_code_tolerance",
+}
 PATH_FIELDS = ("data.root", "model.pretrained")  # compared as absolute paths from REPO
 
 
@@ -203,7 +212,8 @@ def check_recorded_config(workdir: Path, train_flags: list[str]) -> None:
     differ = [
         field
         for field in config_differences(_normalised(recorded), _normalised(wanted))
-        if field not in IGNORED_FIELDS and not _added_at_default(field, recorded, wanted, defaults)
+        if field not in IGNORED_FIELDS | POST_TRAINING_FIELDS
+        and not _added_at_default(field, recorded, wanted, defaults)
     ]
     if differ:
         raise SystemExit(
@@ -212,8 +222,28 @@ def check_recorded_config(workdir: Path, train_flags: list[str]) -> None:
         )
 
 
-def _stale_evaluation(path: Path, checkpoint_step: int, unseen: Path, weight=None) -> str | None:
-    """Why the evaluation results at `path` do not belong to this model and folder (or None)."""
+def _fit_is_stale(results: dict, train_flags: list[str]) -> bool:
+    """Whether a finished run's `results.json` was scored with other codes than the config of
+    `train_flags` fits at the end of training (then the run is resumed, which refits them)."""
+    eval_config = _config_dict(train_flags)["eval"]
+    fitted = results.get("fitted_codes")
+    if not eval_config.get("fitted_codes", False):
+        return fitted is not None
+    wanted = code_fitting.settings(ConfigDict(_config_dict(train_flags)))
+    return fitted is None or fitted.get("settings") != wanted
+
+
+def _codes_label(results: dict) -> str | None:
+    """The `"codes"` that `--mode=eval` records for the codes of a run's `results.json`."""
+    fitted = results.get("fitted_codes")
+    if fitted is None or fitted.get("weight") is None:
+        return None
+    return code_fitting.fitted_codes_label(fitted)
+
+
+def _stale_evaluation(path: Path, checkpoint_step: int, unseen: Path, codes=None) -> str | None:
+    """Why the evaluation results at `path` do not belong to this model, folder and codes (or
+    None)."""
     if not path.is_file():
         return "missing"
     results = json.loads(path.read_text())
@@ -221,8 +251,8 @@ def _stale_evaluation(path: Path, checkpoint_step: int, unseen: Path, weight=Non
         return f"of step {results.get('checkpoint_step')}, not {checkpoint_step}"
     if results.get("eval_data") != str(unseen.resolve()):
         return f"of {results.get('eval_data')}, not {unseen.resolve()}"
-    if weight is not None and not str(results.get("codes", "")).endswith(f"weight {weight}"):
-        return f"not of descriptor weight {weight} ({results.get('codes')})"
+    if results.get("codes") != codes:
+        return f"of codes {results.get('codes')!r}, not {codes!r}"
     return None
 
 
@@ -235,12 +265,23 @@ def _train_and_score(seen: Path, unseen: Path, workdir: Path, seed: int, flags: 
     train, evaluate = _commands(seen, unseen, workdir, seed, flags)
     if (workdir / "results.json").is_file():
         check_recorded_config(workdir, train)
+        if _fit_is_stale(json.loads((workdir / "results.json").read_text()), train):
+            print(f"{workdir}: codes fitted with other settings; resuming the run", flush=True)
+            _main(*train)
     else:
         _main(*train)
-    step = json.loads((workdir / "results.json").read_text())["steps"]
+    results = json.loads((workdir / "results.json").read_text())
+    step = results["steps"]
     weight = descriptor_weight(json.loads((workdir / "config.json").read_text()))
-    for path, extra, stale_weight in ((unseen_file, [], None), (adapted_file, ["--adapt"], weight)):
-        stale = _stale_evaluation(path, step, unseen, stale_weight)
+    adapted_codes = (
+        "PCA-ITQ fitted to the database's transfer features (fdh_jax.search.adaptation), "
+        f"descriptor weight {weight}"
+    )
+    for path, extra, codes in (
+        (unseen_file, [], _codes_label(results)),
+        (adapted_file, ["--adapt"], adapted_codes),
+    ):
+        stale = _stale_evaluation(path, step, unseen, codes)
         if stale:
             if stale != "missing":
                 print(f"{path}: results {stale}; evaluating again", flush=True)

@@ -3,9 +3,9 @@
 Everything that runs the model over a dataset goes through here: evaluation (`encode_source`),
 training's validation and frozen-backbone feature cache (`map_source`), the encoders of
 `fdh_jax.serving`, the `--adapt` features (`transfer_outputs`) and the heads' real-valued codes
-(`continuous_outputs`). The items, padded to whole global batches of `eval.batch_size`, are
-dealt out to the processes like training slots, and each output comes back on every process in
-dataset order.
+(`continuous_outputs`, which the fitted codes are fitted on: `fdh_jax.training.code_fitting`).
+The items, padded to whole global batches of `eval.batch_size`, are dealt out to the processes
+like training slots, and each output comes back on every process in dataset order.
 """
 
 import collections
@@ -193,7 +193,8 @@ def continuous_outputs(
     model, variables: dict, source: Any, config: ml_collections.ConfigDict, mesh
 ) -> dict[str, np.ndarray]:
     """Every item's real-valued outputs, in dataset order: `pooled [N, C5]`, `descriptor
-    [N, D]` and `hash_K [N, K]` per code length (whose `binarize` is `encode_source`'s codes)."""
+    [N, D]` and `hash_K [N, K]` per code length (whose `binarize` is the heads' own codes:
+    `encode_source`'s, unless the variables hold fitted codes)."""
     return _in_dataset_order(_transfer_encoder(model, mesh), variables, source, config, mesh)
 
 

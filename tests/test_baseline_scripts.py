@@ -7,6 +7,9 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO
+from ml_collections import ConfigDict
+
+from fdh_jax.training import code_fitting
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -54,17 +57,36 @@ def test_reused_workdir_must_hold_the_same_config(tmp_path):
     with pytest.raises(SystemExit, match="train.num_steps"):
         uc.check_recorded_config(tmp_path, _flags(tmp_path))
     # A field added since the run was recorded: no difference at its default value, ...
-    del recorded["loss"]["neighbourhood_form"]
+    del recorded["loss"]["instance_temperature"]
     (tmp_path / "config.json").write_text(json.dumps(recorded))
     uc.check_recorded_config(tmp_path, _flags(tmp_path, "--config.train.num_steps=800"))
     # ... but one at another value changes the model.
-    with pytest.raises(SystemExit, match="loss.neighbourhood_form"):
+    with pytest.raises(SystemExit, match="loss.instance_temperature"):
         uc.check_recorded_config(
             tmp_path,
             _flags(
-                tmp_path, "--config.train.num_steps=800", "--config.loss.neighbourhood_form=cosine"
+                tmp_path, "--config.train.num_steps=800", "--config.loss.instance_temperature=0.3"
             ),
         )
+    # Settings applied after training (the fitted codes) may differ: the run is resumed.
+    del recorded["eval"]["fitted_codes"]
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    flags = _flags(
+        tmp_path, "--config.train.num_steps=800", "--config.eval.fitted_code_tolerance=1"
+    )
+    uc.check_recorded_config(tmp_path, flags)
+
+
+def test_a_finished_run_is_resumed_when_its_codes_were_fitted_otherwise(tmp_path):
+    flags = _flags(tmp_path)
+    wanted = code_fitting.settings(ConfigDict(uc._config_dict(flags)))
+    assert uc._fit_is_stale({}, flags)  # scored with the heads' codes: fit them
+    assert not uc._fit_is_stale({"fitted_codes": {"settings": wanted}}, flags)
+    other = _flags(tmp_path, "--config.eval.fitted_code_tolerance=1")
+    assert uc._fit_is_stale({"fitted_codes": {"settings": wanted}}, other)
+    off = _flags(tmp_path, "--config.eval.fitted_codes=False")
+    assert uc._fit_is_stale({"fitted_codes": {"settings": wanted}}, off)
+    assert not uc._fit_is_stale({}, off)
 
 
 def test_reused_evaluation_must_match(tmp_path):
@@ -74,7 +96,13 @@ def test_reused_evaluation_must_match(tmp_path):
     codes = "PCA-ITQ fitted to the database's transfer features, descriptor weight 0.3"
     record = {"checkpoint_step": 800, "eval_data": str(unseen.resolve()), "codes": codes}
     path.write_text(json.dumps(record))
-    assert uc._stale_evaluation(path, 800, unseen, 0.3) is None
-    assert "step 800" in uc._stale_evaluation(path, 1600, unseen)
-    assert "weight 0.5" in uc._stale_evaluation(path, 800, unseen, 0.5)
-    assert "not" in uc._stale_evaluation(path, 800, tmp_path / "other")
+    assert uc._stale_evaluation(path, 800, unseen, codes) is None
+    assert "step 800" in uc._stale_evaluation(path, 1600, unseen, codes)
+    assert "weight 0.5" in uc._stale_evaluation(path, 800, unseen, codes.replace("0.3", "0.5"))
+    assert "not" in uc._stale_evaluation(path, 800, tmp_path / "other", codes)
+    # The heads' codes (no "codes" recorded) are not fitted codes, and the other way round.
+    assert uc._stale_evaluation(path, 800, unseen) is not None
+    path.write_text(json.dumps({k: v for k, v in record.items() if k != "codes"}))
+    assert uc._stale_evaluation(path, 800, unseen) is None
+    fitted = {"fitted_codes": {"weight": 0.7}}
+    assert "weight 0.7" in uc._stale_evaluation(path, 800, unseen, uc._codes_label(fitted))

@@ -169,7 +169,9 @@ def with_fit(variables: dict, folded: dict | None, sharding) -> dict:
     """`variables` plus the fitted hashes (placed with `sharding`), or unchanged for None."""
     if folded is None:
         return variables
-    return {**variables, FITTED: jax.device_put(folded, sharding)}
+    # Every process holds the same arrays: each gives its own devices their (whole) copy.
+    place = lambda a: jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])  # noqa: E731
+    return {**variables, FITTED: jax.tree.map(place, folded)}
 
 
 def fitted_variables(
