@@ -14,9 +14,12 @@ With `--run` it then, for each seed:
 1. trains the README's real-photo recipe (`configs/frozen_mobilenet_v2.py`, plus any flags given
    after `--`) on the seen species, `--workdir=OUT/workdir_seed<s>`; a finished seed is reused
    only if its recorded `config.json` is the config this command trains (else it stops and
-   names the fields that differ);
-2. scores that model on the unseen species with `--mode=eval --eval_data=OUT/unseen`: the
-   unseen database is hashed and ranked for the unseen queries;
+   names the fields that differ), and resumed (no training: its codes are fitted again and it
+   is evaluated) if its results were scored with other `eval.fitted_code*` settings;
+2. scores that model's own codes on the unseen species with `--mode=eval
+   --eval_data=OUT/unseen`, no refit: the unseen database is hashed and ranked for the unseen
+   queries (with the recipe's `eval.fitted_codes`, the codes fitted on the seen species'
+   training images, `fdh_jax/training/code_fitting.py`);
 3. and with `--adapt`: codes fitted to the unseen database without its labels
    (`fdh_jax/search/adaptation.py`, PCA-ITQ on the model's foreground-pooled C5 and descriptor);
    an evaluation recorded for another checkpoint, folder or descriptor weight is run again.
@@ -342,7 +345,13 @@ def main() -> None:
     baselines(Path(args.data), args.seen, [int(k) for k in bits], features)
     if runs:
         print(f"\nThe models, mAP@all x100 ({runs[0][1]['num_query']} unseen queries)")
-        name = f"FDH-MFE trained on the seen species, the hash heads' codes, seeds {args.seeds}"
+        fitted = [seen.get("fitted_codes", {}).get("weight") for seen, _, _ in runs]
+        codes = (
+            f"its own codes, fitted on the training images (weights {', '.join(map(str, fitted))})"
+            if any(w is not None for w in fitted)
+            else "the hash heads' codes"
+        )
+        name = f"FDH-MFE trained on the seen species, {codes}, seeds {args.seeds}"
         print(markdown_row(name, [r["mAP"] for _, r, _ in runs], bits))
         adapted = f"FDH-MFE, codes fitted to the unseen database (--adapt), seeds {args.seeds}"
         print(markdown_row(adapted, [r["mAP"] for _, _, r in runs], bits))
