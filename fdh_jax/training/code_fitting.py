@@ -120,7 +120,7 @@ def fit_codes(
     weight = choose_weight(table, float(config.eval.fitted_code_tolerance))
     fit_report = {
         "rule": "the smallest weight whose validation mAP (mean over the lengths) is within "
-        f"{float(config.eval.fitted_code_tolerance):g} of the heads' codes'",
+        f"{float(config.eval.fitted_code_tolerance):g} points (mAP x100) of the heads' codes'",
         "weight": weight,
         "validation_mAP": table,
         "validation_queries": len(queries["label"]),
