@@ -6,12 +6,12 @@
 The backbone is frozen up to stage C4; its last layers (blocks 14 to 17 and the final conv, at a
 tenth of the head's learning rate), background suppression, the multi-level graph and the heads
 learn. The frozen stage maps come from the feature cache (`fdh_jax/training/feature_cache.py`), so
-a run costs about half an hour on a 2-core CPU after the first (35 min with the cache built, on a
-2-core Xeon: docs/results.md, "The feature cache"; 1.10 s per step of 64 crops on an EPYC). The
-recipe was chosen on a validation split of the database only (10% per class, scored every
-`eval.every` steps; the checkpoint with the best validation mAP is the one evaluated and served):
-the choices and what each was worth are in BENCHMARKS.md, "Frozen MobileNetV2 recipe". The query
-split plays no part in any choice.
+a run costs 26 min on a 2-core Xeon once the cache is built (about 4 min the first time:
+docs/results.md, "The feature cache"). The recipe was chosen on a validation split of the
+database only (10% per class, scored every `eval.every` steps; the checkpoint with the best
+validation mAP is the one evaluated and served, with codes fitted on the training images): the
+choices and what each was worth are in BENCHMARKS.md, "Frozen MobileNetV2 recipe" and "Codes
+that carry over". The query split plays no part in any choice.
 """
 
 from pathlib import Path
