@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
+from fdh_jax.common.checksums import variables_fingerprint
 from fdh_jax.config_checks import ConfigError, validate_config
 from fdh_jax.data import load_splits, validation_split
 from fdh_jax.encoding import continuous_outputs
@@ -104,8 +105,9 @@ def test_a_run_fits_its_codes_and_every_encoder_emits_them(fitted_run, tmp_path)
     # The reference: PCA-ITQ of the training images' blend in NumPy, applied to the database.
     encoder = restore_encoder(workdir)
     assert FITTED in encoder.variables and encoder.fit_report["weight"] == weight
-    database = load_splits(config, ("train",))["train"]
     heads_only = {k: v for k, v in encoder.variables.items() if k != FITTED}
+    assert encoder.fit_report["fingerprint"] == variables_fingerprint(heads_only)
+    database = load_splits(config, ("train",))["train"]
     outputs = continuous_outputs(encoder.model, heads_only, database, config, encoder.mesh)
     kept, _ = validation_split(
         np.asarray(database.labels),
@@ -148,6 +150,17 @@ def test_a_rerun_reuses_the_fit_and_a_run_without_it_serves_the_heads(fitted_run
     assert path.stat().st_mtime_ns == before  # loaded, not fitted again
     assert again["mAP"] == results["mAP"]
     fitted_fingerprint = restore_encoder(copy).fingerprint
+
+    # A fit made for other parameters: the encoder refuses it; training fits again.
+    with np.load(path) as archive:
+        stored = dict(archive)
+    report = json.loads(str(stored["report"]))
+    stored["report"] = np.array(json.dumps(report | {"fingerprint": "0" * 64}))
+    np.savez(path, **stored)
+    with pytest.raises(ModelFileError, match="other parameters"):
+        restore_encoder(copy)
+    assert train_and_evaluate(config, copy)["mAP"] == results["mAP"]
+    assert restore_encoder(copy).fingerprint == fitted_fingerprint
 
     # A damaged fit: the encoder refuses it by name; training fits again.
     path.write_bytes(b"not a zip")

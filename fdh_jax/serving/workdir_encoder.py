@@ -155,6 +155,12 @@ def restore_encoder(
         raise ModelFileError(str(error)) from None
     fit_report = None
     if stored is not None:
+        fitted_for = stored[1].get("fingerprint")
+        if fitted_for is not None and fitted_for != variables_fingerprint(variables):
+            raise ModelFileError(
+                f"{code_fitting.fit_path(workdir, step)} was fitted for other parameters than "
+                f"checkpoint {step}'s: rerun the training command to fit them again"
+            )
         variables = code_fitting.with_fit(variables, stored[0], parallel.replicated(mesh))
         fit_report = stored[1]
     return WorkdirEncoder(config, description, model, variables, step, mesh, fit_report)

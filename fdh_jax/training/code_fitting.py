@@ -18,9 +18,10 @@ lengths, not one per length: a validation split of a few hundred queries ranks s
 noisily.
 
 The fit is stored per checkpoint step in `workdir/fitted_codes/step_<S>.npz` (the folded hashes
-and a JSON report of the choice), written atomically by process 0; a rerun on a finished
-workdir loads it instead of fitting again, and restoring the checkpoint as an encoder
-(`fdh_jax.serving`) adds it to the variables.
+and a JSON report of the choice, with the fingerprint of the parameters it was fitted for),
+written atomically by process 0; a rerun on a finished workdir loads it instead of fitting
+again, and restoring the checkpoint as an encoder (`fdh_jax.serving`) adds it to the variables
+(refusing a fit made for other parameters).
 """
 
 import json
@@ -34,7 +35,11 @@ import numpy as np
 
 from fdh_jax import parallel
 from fdh_jax.common.atomic_files import write_npz_atomically
-from fdh_jax.common.checksums import flatten_variables, unflatten_variables
+from fdh_jax.common.checksums import (
+    flatten_variables,
+    unflatten_variables,
+    variables_fingerprint,
+)
 from fdh_jax.encoding import continuous_outputs
 from fdh_jax.evaluation.metrics import mean_average_precision
 from fdh_jax.models.fitted_codes import FITTED, folded_hash
@@ -192,12 +197,17 @@ def fitted_variables(
     except ValueError as error:
         report(f"{error}; fitting again.")
         stored = None
-    if stored is not None and stored[1].get("settings") == settings(config):
+    fingerprint = variables_fingerprint(variables)
+    if (
+        stored is not None
+        and stored[1].get("settings") == settings(config)
+        and stored[1].get("fingerprint") == fingerprint
+    ):
         folded, fit_report = stored
     else:
         report(f"Fitting the codes of step {step} on the training images ...")
         folded, fit_report = fit_codes(model, variables, training, validation, config, mesh)
-        fit_report["settings"] = settings(config)
+        fit_report |= {"settings": settings(config), "fingerprint": fingerprint}
         if jax.process_index() == 0:
             save_fit(workdir, step, folded, fit_report)
     chosen = fit_report["weight"]
