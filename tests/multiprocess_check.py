@@ -4,7 +4,10 @@ through `launch/local_multiprocess.sh 2 -- python tests/multiprocess_check.py PH
 `PHASE=preempt`: train; process 0 sends itself SIGTERM as it fetches the batch of step 3, JAX's
 preemption service agrees on a step across both processes, both save it and exit 143.
 `PHASE=resume`: restore that checkpoint, finish training and evaluate; process 0 writes the
-evaluation's codes of both splits to `WORKDIR/codes.npz`. Not a test module itself.
+evaluation's codes of both splits to `WORKDIR/codes.npz`.
+`PHASE=fit`: on the finished run, fit its codes as `eval.fitted_codes` does at the end of
+training (on both processes; process 0 stores the fit) and encode the database split with
+them; process 0 writes those codes to `WORKDIR/fitted_codes.npz`. Not a test module itself.
 """
 
 import os
@@ -42,6 +45,8 @@ def main(phase: str, workdir: Path) -> int:
 
     assert jax.process_count() == 2 and jax.device_count() == 4, jax.devices()
     config = check_config()
+    if phase == "fit":
+        return fit_codes(workdir)
     if phase == "preempt":
         fetch, calls = parallel.global_batch, [0]
 
@@ -76,6 +81,36 @@ def main(phase: str, workdir: Path) -> int:
         codes = {f"query_{k}": v for k, v in evaluation.query_codes.items()}
         codes |= {f"database_{k}": v for k, v in evaluation.db_codes.items()}
         np.savez(workdir / "codes.npz", **codes)
+    return 0
+
+
+def fit_config():
+    """`check_config` with fitted codes (and the validation split they are chosen on)."""
+    config = check_config()
+    config.eval.validation_fraction = 0.34
+    config.eval.fitted_codes = True
+    return config
+
+
+def fit_codes(workdir: Path) -> int:
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from fdh_jax.encoding import encode_source  # noqa: PLC0415
+    from fdh_jax.training import code_fitting, selection, train  # noqa: PLC0415
+    from fdh_jax.training.step import state_variables  # noqa: PLC0415
+
+    config = fit_config()
+    run = train.prepare_run(config, workdir)
+    training, validation = selection.validation_sources(config, run.database)
+    variables, _ = code_fitting.fitted_variables(
+        workdir, int(run.state.step), run.model, state_variables(run.state), training,
+        validation, config, run.mesh,
+    )  # fmt: skip
+    codes, _ = encode_source(run.model, variables, run.database, config, run.mesh)
+    run.manager.close()
+    if jax.process_index() == 0:
+        np.savez(workdir / "fitted_codes.npz", **codes)
     return 0
 
 

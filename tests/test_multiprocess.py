@@ -10,13 +10,14 @@ import jax
 import numpy as np
 import pytest
 from conftest import REPO
-from multiprocess_check import NUM_STEPS, SIGNAL_AT, check_config
+from multiprocess_check import NUM_STEPS, SIGNAL_AT, check_config, fit_config
 
 from fdh_jax import parallel
 from fdh_jax.data import load_split
 from fdh_jax.data.pipeline import iterate, train_dataset
 from fdh_jax.evaluation.evaluate import evaluate
 from fdh_jax.models.fdh import build_model
+from fdh_jax.serving.workdir_encoder import restore_encoder
 from fdh_jax.training.optimizer import make_optimizer
 from fdh_jax.training.step import create_train_state, make_train_step
 from fdh_jax.training.train import prepare_run
@@ -101,3 +102,15 @@ def test_two_processes_preempt_resume_and_match_one_process(tmp_path):
             np.testing.assert_array_equal(codes[f"{name}_{k}"], value)
     for k, value in expected.results["mAP"].items():
         assert results["mAP"][k] == pytest.approx(value, abs=1e-6)
+
+    # Codes fitted by both processes (each places the fit on its devices, process 0 stores it):
+    # the same codes as the stored fit gives through a one-process encoder.
+    fitted = _launch("fit", workdir)
+    assert fitted.returncode == 0, fitted.stderr[-3000:]
+    encoder = restore_encoder(workdir, step=NUM_STEPS)
+    assert encoder.fit_report is not None and encoder.fit_report["weight"] is not None
+    database = load_split(fit_config(), "train")
+    two_processes = np.load(workdir / "fitted_codes.npz")
+    for k, value in encoder.encode_source(database).items():
+        np.testing.assert_array_equal(two_processes[k], value)
+        assert not np.array_equal(value, codes[f"database_{k}"])  # not the heads' codes
