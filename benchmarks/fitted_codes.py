@@ -211,7 +211,7 @@ def per_run_choice(run: Run, forms: list[str], tolerance: float, rule: str) -> d
     if rule == "product":
         _, fit, val = _image_split(run)
         tie = run.config.eval.tie_break
-        table = code_fitting.validation_table(fit, val, fit, run.bits, WEIGHTS, tie)
+        table, _ = code_fitting.validation_table(fit, val, fit, run.bits, WEIGHTS, tie)
         weight = code_fitting.choose_weight(table, tolerance)
         chosen = {k: None if weight is None else ("head", weight) for k in run.bits}
         print(f"  {run.workdir}: " + (f"w={weight:g}" if weight is not None else "heads"))

@@ -53,7 +53,7 @@ from ml_collections import ConfigDict
 from seeds import markdown_row
 
 from fdh_jax.data.sources import make_source
-from fdh_jax.search.adaptation import descriptor_weight
+from fdh_jax.search.adaptation import adapted_codes_label, descriptor_weight
 from fdh_jax.training import code_fitting
 from fdh_jax.training.workdir import config_differences
 
@@ -228,12 +228,11 @@ def check_recorded_config(workdir: Path, train_flags: list[str]) -> None:
 def _fit_is_stale(results: dict, train_flags: list[str]) -> bool:
     """Whether a finished run's `results.json` was scored with other codes than the config of
     `train_flags` fits at the end of training (then the run is resumed, which refits them)."""
-    eval_config = _config_dict(train_flags)["eval"]
+    config = ConfigDict(_config_dict(train_flags))
     fitted = results.get("fitted_codes")
-    if not eval_config.get("fitted_codes", False):
+    if not config.eval.get("fitted_codes", False):
         return fitted is not None
-    wanted = code_fitting.settings(ConfigDict(_config_dict(train_flags)))
-    return fitted is None or fitted.get("settings") != wanted
+    return fitted is None or fitted.get("settings") != code_fitting.settings(config)
 
 
 def _codes_label(results: dict) -> str | None:
@@ -276,13 +275,9 @@ def _train_and_score(seen: Path, unseen: Path, workdir: Path, seed: int, flags: 
     results = json.loads((workdir / "results.json").read_text())
     step = results["steps"]
     weight = descriptor_weight(json.loads((workdir / "config.json").read_text()))
-    adapted_codes = (
-        "PCA-ITQ fitted to the database's transfer features (fdh_jax.search.adaptation), "
-        f"descriptor weight {weight}"
-    )
     for path, extra, codes in (
         (unseen_file, [], _codes_label(results)),
-        (adapted_file, ["--adapt"], adapted_codes),
+        (adapted_file, ["--adapt"], adapted_codes_label(weight)),
     ):
         stale = _stale_evaluation(path, step, unseen, codes)
         if stale:

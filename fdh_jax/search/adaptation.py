@@ -124,6 +124,14 @@ def transfer_features(
     return np.concatenate(parts, axis=1)
 
 
+def adapted_codes_label(weight: float) -> str:
+    """What `results.json` of `--mode=eval --adapt` says of its codes (`"codes"`)."""
+    return (
+        "PCA-ITQ fitted to the database's transfer features (fdh_jax.search.adaptation), "
+        f"descriptor weight {weight}"
+    )
+
+
 def descriptor_weight(config) -> float:
     """`eval.adapt_descriptor_weight` of a config (a ConfigDict or its JSON dict), or
     `DESCRIPTOR_WEIGHT` for a workdir recorded before the field existed."""

@@ -60,12 +60,7 @@ def evaluate_checkpoint(
         weight = adaptation.descriptor_weight(config)
         name = Path(eval_data).resolve().name if eval_data else "train"
         output_dir = workdir / "eval" / f"{name}_adapted"
-        extra |= {
-            "checkpoint_step": encoder.step,
-            "codes": "PCA-ITQ fitted to the database's transfer features "
-            "(fdh_jax.search.adaptation), "
-            f"descriptor weight {weight}",
-        }
+        extra |= {"checkpoint_step": encoder.step, "codes": adaptation.adapted_codes_label(weight)}
     splits = load_splits(config, ("train", "test"))
     database, query = splits["train"], splits["test"]
     progress = checkpoint_progress(workdir, encoder.step)

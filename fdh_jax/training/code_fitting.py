@@ -59,22 +59,20 @@ def blend(outputs: dict, weight: float, bits: int) -> np.ndarray:
     return adaptation.transfer_features(outputs["pooled"], outputs[f"hash_{bits}"], weight)
 
 
-def fit_hashes(fit: dict, weight: float, bits: list[int]) -> dict[str, dict]:
-    """The folded hashes (`fdh_jax.models.fitted_codes`) fitted on `fit`'s outputs at `weight`."""
-    pooled_dim = fit["pooled"].shape[1]
-    folded = {}
-    for k in bits:
-        hashed = adaptation.fit_pca_itq(blend(fit, weight, k), k, seed=0)
-        folded[str(k)] = folded_hash(hashed.mean, hashed.projection, weight, pooled_dim)
-    return folded
+def fold(hashes: dict[int, adaptation.CollectionHash], weight: float, pooled_dim: int) -> dict:
+    """The folded form (`fdh_jax.models.fitted_codes`) of each length's hash of the blend."""
+    return {
+        str(k): folded_hash(hashed.mean, hashed.projection, weight, pooled_dim)
+        for k, hashed in hashes.items()
+    }
 
 
 def validation_table(
     fit: dict, queries: dict, database: dict, bits: list[int], weights, tie_break: str
-) -> dict[str, list[float]]:
+) -> tuple[dict[str, list[float]], dict[float, dict[int, adaptation.CollectionHash]]]:
     """Validation mAP per code length of the heads' codes (`"heads"`) and of the codes fitted
     on `fit` at each of `weights` (`"w=<weight>"`): `queries` search `database` (outputs of
-    `continuous_outputs` with their `"label"`)."""
+    `continuous_outputs` with their `"label"`); and the hashes fitted, per weight and length."""
 
     def score(query_codes, db_codes) -> float:
         labels = (queries["label"], database["label"])
@@ -85,13 +83,14 @@ def validation_table(
             score(*(adaptation.binarise(o[f"hash_{k}"]) for o in (queries, database))) for k in bits
         ]
     }
+    hashes = {}
     for weight in sorted(float(w) for w in weights):
-        row = []
-        for k in bits:
-            hashed = adaptation.fit_pca_itq(blend(fit, weight, k), k, seed=0)
-            row.append(score(*(hashed(blend(o, weight, k)) for o in (queries, database))))
-        table[f"w={weight:g}"] = row
-    return table
+        hashes[weight] = {k: adaptation.fit_pca_itq(blend(fit, weight, k), k, seed=0) for k in bits}
+        table[f"w={weight:g}"] = [
+            score(*(hashed(blend(o, weight, k)) for o in (queries, database)))
+            for k, hashed in hashes[weight].items()
+        ]
+    return table, hashes
 
 
 def choose_weight(table: dict[str, list[float]], tolerance: float) -> float | None:
@@ -121,7 +120,7 @@ def fit_codes(
     database = fit if validation[1] is training else outputs(validation[1])
     bits = [int(k) for k in config.bits]
     weights, tie_break = config.eval.fitted_code_weights, config.eval.tie_break
-    table = validation_table(fit, queries, database, bits, weights, tie_break)
+    table, hashes = validation_table(fit, queries, database, bits, weights, tie_break)
     weight = choose_weight(table, float(config.eval.fitted_code_tolerance))
     fit_report = {
         "rule": "the smallest weight whose validation mAP (mean over the lengths) is within "
@@ -131,7 +130,8 @@ def fit_codes(
         "validation_queries": len(queries["label"]),
         "fitted_on": len(fit["label"]),
     }
-    return (None if weight is None else fit_hashes(fit, weight, bits)), fit_report
+    folded = None if weight is None else fold(hashes[weight], weight, fit["pooled"].shape[1])
+    return folded, fit_report
 
 
 def settings(config: ml_collections.ConfigDict) -> dict:
